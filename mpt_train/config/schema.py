@@ -1,0 +1,284 @@
+"""The run spec: one typed dataclass per section, with every default in one place.
+
+Sections that belong to a builder live next to it (``model`` in :mod:`mpt_train.model.config`,
+``train_loader`` in :mod:`mpt_train.data.config`); the small training sections live here.
+Key names follow llm-foundry's where it has them, so its users feel at home.
+Field validation happens in ``__post_init__`` and raises :class:`ConfigError` naming the field;
+the loader prefixes the section path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mpt_train.data.config import TextLoaderConfig
+from mpt_train.errors import ConfigError
+from mpt_train.model.config import MPTConfig
+
+__all__ = [
+    "CallbacksConfig",
+    "CompileConfig",
+    "CostConfig",
+    "FSDPConfig",
+    "GradientClippingConfig",
+    "JsonlLoggerConfig",
+    "LoggersConfig",
+    "OptimizerConfig",
+    "RunConfig",
+    "SchedulerConfig",
+    "TokenizerConfig",
+    "WandbLoggerConfig",
+    "check_choice",
+    "check_time",
+]
+
+TIME_UNITS = ("ba", "tok", "ep", "sp", "dur")
+
+
+def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Raise a ConfigError naming ``key`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ConfigError(key, f"got {value!r}, expected one of {', '.join(map(repr, allowed))}")
+
+
+def check_time(key: str, value: str, units: tuple[str, ...] = TIME_UNITS) -> None:
+    """Check a Composer time string such as ``'1000ba'``, ``'2ep'`` or ``'1e9tok'``."""
+    from composer.core import Time
+
+    try:
+        t = Time.from_timestring(str(value))
+    except (ValueError, TypeError):
+        raise ConfigError(
+            key, f"got {value!r}, expected a Composer time string like '1000ba', '2ep', '1e9tok'"
+        ) from None
+    if t.unit.value not in units:
+        raise ConfigError(key, f"got {value!r}, its unit must be one of {', '.join(units)}")
+
+
+@dataclass
+class TokenizerConfig:
+    """Any Hugging Face tokenizer name or local path; ``mpt-train/tiny-bpe`` is the shipped one."""
+
+    name: str = "EleutherAI/gpt-neox-20b"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimizerConfig:
+    """MPT trained with decoupled AdamW and decoupled Lion; torch's AdamW is the fast path.
+
+    ``weight_decay`` is decoupled (absolute, not multiplied by lr) for the ``decoupled_*``
+    optimizers, as in Composer; for ``adamw`` it is torch's (multiplied by lr).
+    """
+
+    name: str = "decoupled_adamw"
+    lr: float = 6.0e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1.0e-8
+    weight_decay: float = 0.0
+    # adamw kernels: auto (fused on GPU, foreach on CPU) | fused | foreach | composer (its loop)
+    implementation: str = "auto"
+    # Parameter groups: MPT does not decay norms, biases and embeddings.
+    decay_norms_and_biases: bool = False
+    decay_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("name", self.name, ("decoupled_adamw", "decoupled_lionw", "adamw"))
+        check_choice(
+            "implementation", self.implementation, ("auto", "fused", "foreach", "composer")
+        )
+        if self.lr <= 0:
+            raise ConfigError("lr", f"got {self.lr}, expected a positive learning rate")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError("betas", f"got {list(self.betas)}, expected two values in [0, 1)")
+        if self.weight_decay < 0:
+            raise ConfigError("weight_decay", f"got {self.weight_decay}, expected >= 0")
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine_with_warmup"
+    t_warmup: str = "100ba"
+    alpha_f: float = 0.1
+    t_max: str = "1dur"
+
+    def __post_init__(self) -> None:
+        check_choice(
+            "name",
+            self.name,
+            ("cosine_with_warmup", "linear_decay_with_warmup", "constant_with_warmup"),
+        )
+        check_time("t_warmup", self.t_warmup)
+        check_time("t_max", self.t_max)
+        if not 0.0 <= self.alpha_f <= 1.0:
+            raise ConfigError("alpha_f", f"got {self.alpha_f}, expected a fraction in [0, 1]")
+
+
+@dataclass
+class GradientClippingConfig:
+    clipping_type: str = "norm"
+    clipping_threshold: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_choice("clipping_type", self.clipping_type, ("norm", "value", "adaptive"))
+        if self.clipping_threshold <= 0:
+            raise ConfigError("clipping_threshold", f"got {self.clipping_threshold}, expected > 0")
+
+
+@dataclass
+class FSDPConfig:
+    """Sharding across ranks, applied through Composer's FSDP2.
+
+    HYBRID_SHARD shards inside a node and replicates across nodes (2-D device mesh).
+    NO_SHARD replicates (DDP). ``limit_all_gathers`` is FSDP1's knob: FSDP2 already bounds
+    in-flight all-gathers, so it is accepted for llm-foundry specs and has no effect.
+    """
+
+    sharding_strategy: str = "FULL_SHARD"
+    mixed_precision: str = "DEFAULT"
+    activation_checkpointing: bool = False
+    activation_cpu_offload: bool = False
+    limit_all_gathers: bool = True
+    state_dict_type: str = "sharded"
+
+    def __post_init__(self) -> None:
+        check_choice(
+            "sharding_strategy",
+            self.sharding_strategy,
+            ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"),
+        )
+        check_choice("mixed_precision", self.mixed_precision, ("DEFAULT", "PURE", "FULL"))
+        check_choice("state_dict_type", self.state_dict_type, ("sharded", "full"))
+
+
+@dataclass
+class CompileConfig:
+    """Per-block ``torch.compile`` (whole-model compile recompiles too often under FSDP)."""
+
+    enabled: bool = False
+    mode: str | None = None
+    dynamic: bool = False
+    fullgraph: bool = False
+
+
+@dataclass
+class WandbLoggerConfig:
+    project: str = "mpt-train"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    log_artifacts: bool = False
+
+
+@dataclass
+class JsonlLoggerConfig:
+    """One JSON object per logged step; ``{run_name}`` is filled in."""
+
+    path: str = "runs/{run_name}/metrics.jsonl"
+
+
+@dataclass
+class LoggersConfig:
+    console: bool = True
+    console_log_interval: str = "10ba"
+    wandb: WandbLoggerConfig | None = None
+    jsonl: JsonlLoggerConfig | None = field(default_factory=JsonlLoggerConfig)
+
+    def __post_init__(self) -> None:
+        check_time("console_log_interval", self.console_log_interval, ("ba", "ep"))
+
+
+@dataclass
+class SpeedMonitorConfig:
+    window_size: int = 10
+    # Peak FLOP/s of one device; None looks it up from the GPU name (no MFU on CPU).
+    gpu_flops_available: float | None = None
+
+
+@dataclass
+class CostConfig:
+    """GPU type and price: what a run costs, for the cost monitor and ``scripts/plan.py``."""
+
+    gpu_type: str | None = None
+    price_per_gpu_hour: float | None = None
+
+
+@dataclass
+class CallbacksConfig:
+    speed_monitor: SpeedMonitorConfig | None = field(default_factory=SpeedMonitorConfig)
+    lr_monitor: bool = True
+    memory_monitor: bool = False
+    runtime_estimator: bool = True
+
+
+@dataclass
+class RunConfig:
+    """A whole run spec. ``variables`` holds free values for ``${variables.x}``."""
+
+    model: MPTConfig
+    train_loader: TextLoaderConfig
+    max_duration: str
+    global_train_batch_size: int
+    variables: dict[str, Any] = field(default_factory=dict)
+    run_name: str | None = None
+    seed: int = 17
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    eval_loader: TextLoaderConfig | None = None
+    eval_loaders: dict[str, TextLoaderConfig] = field(default_factory=dict)
+    eval_interval: str = "1000ba"
+    eval_first: bool = False
+    eval_subset_num_batches: int = -1
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    gradient_clipping: GradientClippingConfig | None = field(default_factory=GradientClippingConfig)
+    # int, or 'auto' (Composer searches the largest that fits; GPU only); None = no microbatching.
+    device_train_microbatch_size: Any = None
+    device_eval_batch_size: int = 8
+    device: str = "auto"
+    # 'auto' = amp_bf16 on GPU, fp32 on CPU.
+    precision: str = "auto"
+    fsdp: FSDPConfig | None = field(default_factory=FSDPConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    save_folder: str | None = None
+    save_interval: str = "1000ba"
+    save_num_checkpoints_to_keep: int = -1
+    save_overwrite: bool = False
+    # None = on whenever save_folder is set and run_name is fixed.
+    autoresume: bool | None = None
+    load_path: str | None = None
+    load_weights_only: bool = False
+    load_strict_model_weights: bool = True
+    dist_timeout: float = 600.0
+    loggers: LoggersConfig = field(default_factory=LoggersConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+    progress_bar: bool = False
+
+    def __post_init__(self) -> None:
+        check_time("max_duration", self.max_duration, ("ba", "tok", "ep", "sp"))
+        check_time("eval_interval", self.eval_interval, ("ba", "tok", "ep", "sp", "dur"))
+        check_time("save_interval", self.save_interval, ("ba", "tok", "ep", "sp", "dur"))
+        check_choice("device", self.device, ("auto", "cpu", "gpu"))
+        check_choice(
+            "precision", self.precision, ("auto", "fp32", "amp_bf16", "amp_fp16", "amp_fp8")
+        )
+        if self.global_train_batch_size <= 0:
+            raise ConfigError(
+                "global_train_batch_size", f"got {self.global_train_batch_size}, expected > 0"
+            )
+        mb = self.device_train_microbatch_size
+        if (
+            mb is not None
+            and mb != "auto"
+            and (isinstance(mb, bool) or not isinstance(mb, int) or mb <= 0)
+        ):
+            raise ConfigError(
+                "device_train_microbatch_size", f"got {mb!r}, expected a positive int or 'auto'"
+            )
+        if self.device_eval_batch_size <= 0:
+            raise ConfigError(
+                "device_eval_batch_size", f"got {self.device_eval_batch_size}, expected > 0"
+            )
+        if self.eval_loader is not None and "eval" in self.eval_loaders:
+            raise ConfigError("eval_loaders.eval", "the label 'eval' is taken by eval_loader")

@@ -1,0 +1,25 @@
+"""Errors that name what the user must fix.
+
+A bad run spec must fail before any GPU time is spent, with a message that points at the
+offending key (``train_loader.dataset.max_seq_len``), the bad value and what was expected.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A run-spec problem, located by the dotted key that holds it."""
+
+    def __init__(self, key: str, msg: str) -> None:
+        self.key = key
+        self.msg = msg
+        super().__init__(f"{key}: {msg}" if key else msg)
+
+    def with_prefix(self, prefix: str) -> ConfigError:
+        """Return the same error located under ``prefix`` (e.g. the spec section)."""
+        if not prefix:
+            return self
+        key = f"{prefix}.{self.key}" if self.key else prefix
+        return ConfigError(key, self.msg)

@@ -1,0 +1,69 @@
+"""One JSON object per logged step, for sweeps, plots and tests to read back.
+
+Composer's callbacks log a step's metrics in several calls (loss from the trainer, throughput
+from the speed monitor, lr from the lr monitor); they are merged into one line keyed by the
+batch index and written when the next step starts or the run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from composer.core import State
+from composer.loggers import Logger, LoggerDestination
+from composer.utils import dist
+
+__all__ = ["JsonlLogger", "read_metrics"]
+
+
+class JsonlLogger(LoggerDestination):
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self._step: int | None = None
+        self._row: dict[str, Any] = {}
+        self._file = None
+
+    def init(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if self._file is None:
+            return
+        if step is not None and step != self._step:
+            self._flush()
+            self._step = step
+        for k, v in metrics.items():
+            if isinstance(v, torch.Tensor):
+                if v.numel() != 1:
+                    continue
+                v = v.item()
+            if isinstance(v, int | float):
+                self._row[k] = v if not isinstance(v, float) or math.isfinite(v) else str(v)
+
+    def _flush(self) -> None:
+        if self._file is not None and self._row and self._step is not None:
+            self._file.write(json.dumps({"step": self._step, **self._row}, sort_keys=True) + "\n")
+            self._file.flush()
+        self._row = {}
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self._flush()
+
+    def close(self, state: State, logger: Logger) -> None:
+        self._flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All rows of a metrics file, in order."""
+    with Path(path).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

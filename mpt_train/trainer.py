@@ -1,0 +1,278 @@
+"""Where the run spec's sections meet: RunConfig -> Composer Trainer.
+
+Every builder takes only its own section; this module is the one place that sees them all.
+Order matters and is deliberate: the spec is checked against the world (ranks, data paths,
+checkpoint folder) before a single parameter is allocated.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from composer import Evaluator, Trainer
+from composer.algorithms import GradientClipping
+from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
+from composer.core import Callback, DataSpec, State
+from composer.loggers import Logger, LoggerDestination, WandBLogger
+from composer.utils import dist, reproducibility
+from composer.utils.parallelism import FSDP2Config
+
+from mpt_train.composer_model import ComposerMPT
+from mpt_train.config import RunConfig, redact, to_container
+from mpt_train.config.validate import device_train_batch_size, validate_run
+from mpt_train.data import build_text_dataloader, load_tokenizer
+from mpt_train.data.config import TextLoaderConfig
+from mpt_train.errors import ConfigError
+from mpt_train.loggers import ConsoleLine, JsonlLogger
+from mpt_train.model import MPTBlock, build_model, init_weights
+from mpt_train.optim import build_optimizer, build_scheduler
+
+__all__ = ["RunSpecRecorder", "build_trainer", "resolve_run_name", "train"]
+
+log = logging.getLogger(__name__)
+
+
+class RunSpecRecorder(Callback):
+    """Stores the resolved, redacted spec in every checkpoint and next to the metrics."""
+
+    def __init__(self, spec: dict[str, Any], out_dir: Path) -> None:
+        self.spec = spec
+        self.out_dir = out_dir
+
+    def init(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.spec, sort_keys=False))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"spec": self.spec}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The spec of the resumed run is the one given now; the saved one is for the record."""
+
+
+def resolve_run_name(cfg: RunConfig) -> tuple[str, bool]:
+    """(run name, whether the user fixed it). A generated name is the same on every rank."""
+    if cfg.run_name:
+        return cfg.run_name, True
+    name = [f"mpt-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(name, src=0)
+    return name[0], False
+
+
+def _device(cfg: RunConfig) -> str:
+    if cfg.device != "auto":
+        if cfg.device == "gpu" and not torch.cuda.is_available():
+            raise ConfigError("device", "'gpu' requested but no CUDA device is visible")
+        return cfg.device
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def _precision(cfg: RunConfig, device: str) -> str:
+    if cfg.precision == "auto":
+        return "amp_bf16" if device == "gpu" else "fp32"
+    if device == "cpu" and cfg.precision != "fp32":
+        raise ConfigError("precision", f"{cfg.precision!r} needs a GPU; use 'fp32' on CPU")
+    return cfg.precision
+
+
+def _parallelism(cfg: RunConfig, device: str) -> dict[str, Any] | None:
+    """FSDP2 settings, or None for one rank (no sharding to do) or NO_SHARD (plain DDP)."""
+    f = cfg.fsdp
+    world = dist.get_world_size()
+    if f is None or world == 1 or f.sharding_strategy == "NO_SHARD":
+        return None
+    mesh = None
+    if f.sharding_strategy == "HYBRID_SHARD":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        local = dist.get_local_world_size()
+        mesh = init_device_mesh(
+            "cuda" if device == "gpu" else "cpu",
+            (world // local, local),
+            mesh_dim_names=("replicate", "shard"),
+        )
+    return {
+        "fsdp": FSDP2Config(
+            device_mesh=mesh,
+            reshard_after_forward=f.sharding_strategy != "SHARD_GRAD_OP",
+            activation_checkpointing=f.activation_checkpointing,
+            activation_cpu_offload=f.activation_cpu_offload,
+            state_dict_type=f.state_dict_type,
+            mixed_precision=f.mixed_precision,
+        )
+    }
+
+
+def _dataloader(
+    loader: TextLoaderConfig, tokenizer: Any, batch_size: int, seq_id: bool
+) -> DataSpec:
+    dl = build_text_dataloader(loader, tokenizer, batch_size, emit_sequence_id=seq_id)
+    return DataSpec(dl, get_num_tokens_in_batch=lambda b: int(b["input_ids"].numel()))
+
+
+def _loggers(cfg: RunConfig, run_name: str) -> list[LoggerDestination]:
+    lc = cfg.loggers
+    out: list[LoggerDestination] = []
+    if lc.console:
+        out.append(ConsoleLine(lc.console_log_interval))
+    if lc.jsonl is not None:
+        out.append(JsonlLogger(lc.jsonl.path.format(run_name=run_name)))
+    if lc.wandb is not None:
+        w = lc.wandb
+        out.append(
+            WandBLogger(
+                project=w.project,
+                entity=w.entity,
+                group=w.group,
+                tags=list(w.tags) or None,
+                name=run_name,
+                log_artifacts=w.log_artifacts,
+                init_kwargs={"config": redact(to_container(cfg))},
+            )
+        )
+    return out
+
+
+def _callbacks(cfg: RunConfig, spec: dict[str, Any], run_dir: Path) -> list[Callback]:
+    cc = cfg.callbacks
+    out: list[Callback] = [RunSpecRecorder(spec, run_dir)]
+    if cc.speed_monitor is not None:
+        out.append(
+            SpeedMonitor(
+                window_size=cc.speed_monitor.window_size,
+                gpu_flops_available=cc.speed_monitor.gpu_flops_available,
+            )
+        )
+    if cc.lr_monitor:
+        out.append(LRMonitor())
+    if cc.memory_monitor and torch.cuda.is_available():
+        out.append(MemoryMonitor())
+    if cc.runtime_estimator:
+        out.append(RuntimeEstimator())
+    return out
+
+
+def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = None) -> Trainer:
+    """Check the spec against the world, build every part, return a ready Composer Trainer."""
+    device = _device(cfg)
+    dist.initialize_dist(device, timeout=cfg.dist_timeout)
+    run_name, fixed_name = resolve_run_name(cfg)
+    cfg = replace(cfg, run_name=run_name)
+    world = dist.get_world_size()
+    precision = _precision(cfg, device)
+    if cfg.device_train_microbatch_size == "auto" and device != "gpu":
+        raise ConfigError("device_train_microbatch_size", "'auto' needs a GPU; give an int on CPU")
+    validate_run(cfg, world)
+    per_rank = device_train_batch_size(cfg, world)
+
+    autoresume = cfg.autoresume
+    if autoresume is None:
+        autoresume = bool(cfg.save_folder) and fixed_name
+    if autoresume and not (cfg.save_folder and fixed_name):
+        raise ConfigError("autoresume", "needs save_folder and a fixed run_name (or $RUN_NAME)")
+
+    spec = redact(to_container(cfg))
+    log.info("run %s on %d rank(s), %s, %s", run_name, world, device, precision)
+    log.debug("resolved spec:\n%s", yaml.safe_dump(spec, sort_keys=False))
+
+    # Composer seeds after the model is built: seed first so fresh runs are reproducible.
+    reproducibility.seed_all(cfg.seed)
+    tokenizer = load_tokenizer(cfg.tokenizer.name, **cfg.tokenizer.kwargs)
+    parallelism = _parallelism(cfg, device)
+    model_cfg = cfg.model
+    if model_cfg.init_device == "meta" and not (parallelism and device == "gpu"):
+        # Composer materialises meta parameters on CUDA only; elsewhere build them here.
+        model_cfg = replace(model_cfg, init_device="cpu")
+    model = build_model(model_cfg, device="meta" if model_cfg.init_device == "meta" else "cpu")
+    if model_cfg.init_device == "meta":
+        model.param_init_fn = lambda module: init_weights(module, model_cfg)
+    model.fsdp_wrap_fn = lambda module: isinstance(module, MPTBlock)
+    model.activation_checkpointing_fn = lambda module: isinstance(module, MPTBlock)
+    if cfg.compile.enabled:
+        for block in model.blocks:
+            block.compile(
+                mode=cfg.compile.mode, dynamic=cfg.compile.dynamic, fullgraph=cfg.compile.fullgraph
+            )
+    composer_model = ComposerMPT(model)
+
+    seq_id = model_cfg.attn_config.attn_uses_sequence_id
+    train_dl = _dataloader(cfg.train_loader, tokenizer, per_rank, seq_id)
+    eval_loaders = dict(cfg.eval_loaders)
+    if cfg.eval_loader is not None:
+        eval_loaders = {"eval": cfg.eval_loader, **eval_loaders}
+    evaluators = [
+        Evaluator(
+            label=label,
+            dataloader=_dataloader(loader, tokenizer, cfg.device_eval_batch_size, seq_id),
+            metric_names=["LanguageCrossEntropy", "LanguagePerplexity"],
+        )
+        for label, loader in eval_loaders.items()
+    ]
+
+    optimizer = build_optimizer(cfg.optimizer, composer_model)
+    algorithms = []
+    if cfg.gradient_clipping is not None:
+        algorithms.append(
+            GradientClipping(
+                clipping_type=cfg.gradient_clipping.clipping_type,
+                clipping_threshold=cfg.gradient_clipping.clipping_threshold,
+            )
+        )
+    run_dir = Path("runs") / run_name
+    callbacks = _callbacks(cfg, spec, run_dir) + list(extra_callbacks or [])
+    mb = (
+        cfg.device_train_microbatch_size
+        if cfg.device_train_microbatch_size is not None
+        else per_rank
+    )
+    return Trainer(
+        run_name=run_name,
+        seed=cfg.seed,
+        model=composer_model,
+        train_dataloader=train_dl,
+        eval_dataloader=evaluators or None,
+        eval_interval=cfg.eval_interval,
+        eval_subset_num_batches=cfg.eval_subset_num_batches,
+        optimizers=optimizer,
+        schedulers=build_scheduler(cfg.scheduler),
+        max_duration=cfg.max_duration,
+        device_train_microbatch_size=mb,
+        device=device,
+        precision=precision,
+        parallelism_config=parallelism,
+        algorithms=algorithms,
+        loggers=_loggers(cfg, run_name),
+        callbacks=callbacks,
+        progress_bar=cfg.progress_bar,
+        log_to_console=False,
+        save_folder=cfg.save_folder,
+        save_interval=cfg.save_interval,
+        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        save_overwrite=cfg.save_overwrite,
+        autoresume=autoresume,
+        # With autoresume, a checkpoint found in save_folder wins over load_path.
+        load_path=cfg.load_path,
+        load_weights_only=cfg.load_weights_only,
+        load_strict_model_weights=cfg.load_strict_model_weights,
+        dist_timeout=cfg.dist_timeout,
+        python_log_level=None,
+    )
+
+
+def train(cfg: RunConfig) -> Trainer:
+    """Build and fit; returns the trainer (closed) for callers that inspect its state."""
+    trainer = build_trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return trainer
