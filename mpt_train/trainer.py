@@ -186,7 +186,7 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
 
     # Composer seeds after the model is built: seed first so fresh runs are reproducible.
     reproducibility.seed_all(cfg.seed)
-    tokenizer = load_tokenizer(cfg.tokenizer.name, **cfg.tokenizer.kwargs)
+    tokenizer = load_tokenizer(cfg.tokenizer.name)
     parallelism = _parallelism(cfg, device)
     model_cfg = cfg.model
     if model_cfg.init_device == "meta" and not (parallelism and device == "gpu"):
@@ -240,7 +240,7 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
         model=composer_model,
         train_dataloader=train_dl,
         eval_dataloader=evaluators or None,
-        eval_interval=cfg.eval_interval,
+        eval_interval=cfg.eval_interval if evaluators else 1,
         eval_subset_num_batches=cfg.eval_subset_num_batches,
         optimizers=optimizer,
         schedulers=build_scheduler(cfg.scheduler),
@@ -268,11 +268,25 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
     )
 
 
+def is_finished(trainer: Trainer) -> bool:
+    """True when the (resumed) state already reached ``max_duration``."""
+    max_dur = trainer.state.max_duration
+    return max_dur is not None and trainer.state.timestamp.get(max_dur.unit) >= max_dur
+
+
 def train(cfg: RunConfig) -> Trainer:
-    """Build and fit; returns the trainer (closed) for callers that inspect its state."""
+    """Build and fit; returns the trainer (closed) for callers that inspect its state.
+
+    A run resumed from its final checkpoint is already done: it returns at once instead of
+    training past ``max_duration`` or failing.
+    """
     trainer = build_trainer(cfg)
     try:
-        trainer.fit()
+        if is_finished(trainer):
+            log.info("run %s already reached max_duration %s; nothing to do",
+                     trainer.state.run_name, trainer.state.max_duration)
+        else:
+            trainer.fit()
     finally:
         trainer.close()
     return trainer

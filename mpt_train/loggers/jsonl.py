@@ -1,8 +1,10 @@
 """One JSON object per logged step, for sweeps, plots and tests to read back.
 
-Composer's callbacks log a step's metrics in several calls (loss from the trainer, throughput
-from the speed monitor, lr from the lr monitor); they are merged into one line keyed by the
-batch index and written when the next step starts or the run ends.
+Composer's callbacks log a step's metrics in several calls and under different step numbers
+(the loss while the batch runs, throughput and lr after it). Everything logged from the start
+of batch k until the start of batch k+1 (loss, throughput, lr, evaluations after batch k) is
+merged into one line with ``"step": k`` (1-based, as the console shows it), written when the
+next batch starts or the run ends.
 """
 
 from __future__ import annotations
@@ -33,12 +35,18 @@ class JsonlLogger(LoggerDestination):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", encoding="utf-8")
 
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        # Runs after every BATCH_END callback has logged: the step's row is complete, and is
+        # on disk before anything can go wrong in the next step.
+        self._flush()
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        self._flush()
+        self._step = int(state.timestamp.batch) + 1
+
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        if self._file is None:
+        if self._file is None or self._step is None:
             return
-        if step is not None and step != self._step:
-            self._flush()
-            self._step = step
         for k, v in metrics.items():
             if isinstance(v, torch.Tensor):
                 if v.numel() != 1:

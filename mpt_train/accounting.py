@@ -1,0 +1,147 @@
+"""GPU peak FLOP/s and prices, and the arithmetic that turns FLOPs into days and dollars.
+
+One place for the numbers that the cost monitor (``mpt_train.callbacks.cost_monitor``), the
+planner (``scripts/plan.py``) and the benchmark (``scripts/benchmark.py``) share, so a price or
+a peak changes in one line and every report agrees.
+
+Peak FLOP/s are NVIDIA's dense (no sparsity) tensor-core figures for bf16/fp16, the figures
+llm-foundry's MFU tables divide by. Prices are *defaults* for when a spec gives none: round
+on-demand cloud rates per GPU-hour. They are placeholders for your contract price
+(``cost.price_per_gpu_hour`` in the spec, ``--price`` on the scripts), not a quote.
+
+| GPU type    | peak bf16 TFLOP/s | default $/GPU-hour | why that price                       |
+|-------------|-------------------|--------------------|--------------------------------------|
+| a100_40gb   | 312               | 2.00               | MosaicML's MPT-7B figure ($2/h)      |
+| a100_80gb   | 312               | 2.50               | typical reserved A100-80GB rate      |
+| h100        | 989               | 3.00               | typical reserved H100 SXM rate       |
+| h200        | 989               | 3.50               | typical reserved H200 rate           |
+
+MFU convention (llm-foundry's): a training step costs 3x its forward FLOPs (forward, backward
+for activations, backward for weights), i.e. ``6 * N * T + 12 * L * d_model * S * T`` with N all
+parameters, T tokens, S sequence length (causal masking ignored). HFU adds the forward pass
+that activation checkpointing recomputes: 4x forward, so ``HFU = MFU * 4 / 3``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from mpt_train.errors import ConfigError
+
+__all__ = [
+    "GPU_TYPES",
+    "GPUSpec",
+    "detect_gpu_type",
+    "duration_tokens",
+    "flops_per_token",
+    "get_gpu",
+    "hfu_from_mfu",
+    "price_per_gpu_hour",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """What accounting needs to know about one GPU type."""
+
+    name: str
+    peak_flops: float  # dense bf16 tensor-core FLOP/s
+    price_per_hour: float  # default USD per GPU-hour
+    memory_gb: int
+
+
+GPU_TYPES: dict[str, GPUSpec] = {
+    spec.name: spec
+    for spec in (
+        GPUSpec("a100_40gb", 312e12, 2.00, 40),
+        GPUSpec("a100_80gb", 312e12, 2.50, 80),
+        GPUSpec("h100", 989e12, 3.00, 80),
+        GPUSpec("h200", 989e12, 3.50, 141),
+    )
+}
+
+
+def get_gpu(name: str, key: str = "gpu_type") -> GPUSpec:
+    """The table entry for ``name``, or a ConfigError listing the known types."""
+    spec = GPU_TYPES.get(name.lower())
+    if spec is None:
+        raise ConfigError(
+            key, f"unknown GPU type {name!r}, expected one of {', '.join(map(repr, GPU_TYPES))}"
+        )
+    return spec
+
+
+def price_per_gpu_hour(gpu_type: str | None, override: float | None) -> float | None:
+    """The user's price if given, else the table's default for ``gpu_type``, else None."""
+    if override is not None:
+        if override < 0:
+            raise ConfigError("price_per_gpu_hour", f"got {override}, expected >= 0")
+        return float(override)
+    if gpu_type is None:
+        return None
+    return get_gpu(gpu_type).price_per_hour
+
+
+def detect_gpu_type(device_name: str | None = None) -> str | None:
+    """Map a CUDA device name (``NVIDIA A100-SXM4-40GB``) to a table key; None on CPU.
+
+    An unrecognised GPU gives None (and a warning) rather than a wrong peak: MFU is then
+    reported only when the user names the type or the peak.
+    """
+    if device_name is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name()
+    name = device_name.upper()
+    if "H200" in name:
+        return "h200"
+    if "H100" in name:
+        return "h100"
+    if "A100" in name:
+        return "a100_80gb" if "80G" in name else "a100_40gb"
+    log.warning("GPU %r is not in the accounting table; set cost.gpu_type for MFU", device_name)
+    return None
+
+
+def hfu_from_mfu(mfu: float, activation_checkpointing: bool) -> float:
+    """HFU counts the forward pass that activation checkpointing recomputes (4x vs 3x fwd)."""
+    return mfu * 4.0 / 3.0 if activation_checkpointing else mfu
+
+
+def duration_tokens(
+    max_duration: str, global_batch_size: int, seq_len: int, key: str = "max_duration"
+) -> int:
+    """Tokens in a Composer duration (``1e12tok``, ``63900ba``, ``1000sp``).
+
+    Batches and samples are full sequences of ``seq_len`` tokens (the packed-text loader never
+    pads). Epochs depend on the dataset's size, which planning does not read: give tokens.
+    """
+    from composer.core import Time, TimeUnit
+
+    t = Time.from_timestring(str(max_duration))
+    if t.unit == TimeUnit.TOKEN:
+        return int(t.value)
+    if t.unit == TimeUnit.BATCH:
+        return int(t.value) * global_batch_size * seq_len
+    if t.unit == TimeUnit.SAMPLE:
+        return int(t.value) * seq_len
+    raise ConfigError(
+        key, f"{max_duration!r}: cannot count tokens in unit {t.unit.value!r}; use 'tok' or 'ba'"
+    )
+
+
+def flops_per_token(model_cfg: object, seq_len: int) -> float:
+    """Training FLOPs per token of ``model_cfg`` at ``seq_len``, from the model's own formula.
+
+    The model is built on the meta device (no memory, a 70B model in a second), so the figure is
+    exactly what the model reports to Composer for MFU during training.
+    """
+    from mpt_train.model import build_model
+
+    model = build_model(model_cfg, device="meta")  # type: ignore[arg-type]
+    return float(model.flops_per_batch(1, seq_len)) / seq_len

@@ -1,0 +1,250 @@
+"""Plan a run before renting GPUs: tokens, FLOPs, wall time, GPU-hours, dollars, deadline.
+
+``scripts/plan.py SPEC --gpus 440 --gpu a100_40gb`` reads the spec's model and ``max_duration``,
+counts the FLOPs with the model's own formula (the one Composer's MFU uses) and divides by what
+the cluster delivers at a given MFU.
+
+The default MFU is the one MosaicML's published MPT-7B run implies, so a plan for a new run is
+calibrated on a real one: MPT-7B, 1T tokens, 440 A100-40GB, ~9.5 days, ~$200k at $2/GPU-hour.
+With this model's formula, 6 * 6.649e9 * 1e12 + 12 * 32 * 4096 * 2048 * 1e12 = 4.31e22 FLOPs,
+and 440 * 312e12 FLOP/s * 9.5 days = 1.127e23 peak FLOPs, so the run implied an MFU of 0.383
+(llm-foundry's convention: 3x forward FLOPs, attention included, no activation recompute).
+That is in line with llm-foundry's own benchmark tables for a 7B at 2048 tokens (40-46%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from mpt_train.accounting import (
+    GPU_TYPES,
+    duration_tokens,
+    flops_per_token,
+    get_gpu,
+    price_per_gpu_hour,
+)
+from mpt_train.config import RunConfig, load_config
+from mpt_train.errors import ConfigError
+
+__all__ = [
+    "MPT_7B_PUBLISHED",
+    "PUBLISHED_MFU",
+    "Plan",
+    "PublishedRun",
+    "format_markdown",
+    "format_text",
+    "implied_mfu",
+    "main",
+    "make_plan",
+]
+
+SECONDS_PER_DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class PublishedRun:
+    """A run whose size, hardware and duration were published: the planner's calibration."""
+
+    name: str
+    tokens: float
+    gpus: int
+    gpu_type: str
+    days: float
+    cost_usd: float
+
+
+MPT_7B_PUBLISHED = PublishedRun("mpt-7b", 1e12, 440, "a100_40gb", 9.5, 200_000.0)
+
+
+def implied_mfu(flops: float, run: PublishedRun) -> float:
+    """The MFU at which ``flops`` take ``run.days`` on ``run``'s cluster."""
+    peak = run.gpus * get_gpu(run.gpu_type).peak_flops * run.days * SECONDS_PER_DAY
+    return flops / peak
+
+
+# MPT-7B's 4.31e22 FLOPs (see the module docstring) over its cluster's 1.127e23 peak FLOPs.
+# tests/accounting/test_plan.py recomputes it from the model so it cannot drift.
+PUBLISHED_MFU = 0.383
+
+
+@dataclass
+class Plan:
+    """Everything the planner prints; ``--json`` emits exactly these fields."""
+
+    spec: str
+    params: int
+    seq_len: int
+    global_batch_tokens: int
+    tokens: int
+    flops_per_token: float
+    flops: float
+    gpus: int
+    gpu: str
+    peak_flops_per_gpu: float
+    mfu: float
+    tokens_per_sec: float
+    tokens_per_sec_per_gpu: float
+    seconds: float
+    days: float
+    gpu_hours: float
+    price_per_gpu_hour: float
+    cost_usd: float
+    deadline_days: float | None = None
+    gpus_for_deadline: int | None = None
+    nodes_for_deadline: int | None = None
+
+
+def make_plan(
+    cfg: RunConfig,
+    *,
+    gpus: int,
+    gpu: str,
+    mfu: float = PUBLISHED_MFU,
+    price: float | None = None,
+    deadline_days: float | None = None,
+    gpus_per_node: int = 8,
+    spec_name: str = "",
+) -> Plan:
+    """Plan ``cfg`` on ``gpus`` GPUs of type ``gpu`` running at ``mfu``."""
+    if gpus < 1:
+        raise ConfigError("gpus", f"got {gpus}, expected >= 1")
+    if not 0.0 < mfu <= 1.0:
+        raise ConfigError("mfu", f"got {mfu}, expected a fraction in (0, 1]")
+    if deadline_days is not None and deadline_days <= 0:
+        raise ConfigError("deadline_days", f"got {deadline_days}, expected > 0")
+    spec = get_gpu(gpu, "gpu")
+    seq_len = cfg.train_loader.dataset.max_seq_len
+    tokens = duration_tokens(cfg.max_duration, cfg.global_train_batch_size, seq_len)
+    fpt = flops_per_token(cfg.model, seq_len)
+    from mpt_train.model import build_model
+
+    params = build_model(cfg.model, device="meta").num_params()
+    flops = fpt * tokens
+    cluster_flops = gpus * spec.peak_flops * mfu
+    seconds = flops / cluster_flops
+    gpu_hours = gpus * seconds / 3600.0
+    usd_per_hour = price_per_gpu_hour(gpu, price)
+    assert usd_per_hour is not None  # gpu is always given here
+    plan = Plan(
+        spec=spec_name,
+        params=params,
+        seq_len=seq_len,
+        global_batch_tokens=cfg.global_train_batch_size * seq_len,
+        tokens=tokens,
+        flops_per_token=fpt,
+        flops=flops,
+        gpus=gpus,
+        gpu=spec.name,
+        peak_flops_per_gpu=spec.peak_flops,
+        mfu=mfu,
+        tokens_per_sec=cluster_flops / fpt,
+        tokens_per_sec_per_gpu=cluster_flops / fpt / gpus,
+        seconds=seconds,
+        days=seconds / SECONDS_PER_DAY,
+        gpu_hours=gpu_hours,
+        price_per_gpu_hour=usd_per_hour,
+        cost_usd=gpu_hours * usd_per_hour,
+    )
+    if deadline_days is not None:
+        # GPU-hours (and so dollars) do not depend on the GPU count at a fixed MFU; only time does.
+        need = math.ceil(flops / (spec.peak_flops * mfu * deadline_days * SECONDS_PER_DAY))
+        plan.deadline_days = deadline_days
+        plan.gpus_for_deadline = need
+        plan.nodes_for_deadline = math.ceil(need / gpus_per_node)
+    return plan
+
+
+def _si(v: float) -> str:
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:.2f}{suffix}"
+    return f"{v:.0f}"
+
+
+def format_text(p: Plan) -> str:
+    """The human-readable plan."""
+    lines = [
+        f"plan for {p.spec or 'spec'}",
+        f"  model       {_si(p.params)} params, seq {p.seq_len}, "
+        f"global batch {_si(p.global_batch_tokens)} tokens",
+        f"  tokens      {p.tokens:.4g} ({_si(p.tokens)})",
+        f"  FLOPs       {p.flops:.4g} ({p.flops_per_token:.4g} per token, llm-foundry convention)",
+        f"  cluster     {p.gpus} x {p.gpu} at {p.peak_flops_per_gpu / 1e12:.0f} TFLOP/s peak, "
+        f"MFU {100 * p.mfu:.1f}%",
+        f"  throughput  {_si(p.tokens_per_sec)} tokens/s ({p.tokens_per_sec_per_gpu:,.0f} per GPU)",
+        f"  wall time   {p.days:.2f} days ({p.seconds / 3600:,.1f} h)",
+        f"  GPU-hours   {p.gpu_hours:,.0f}",
+        f"  cost        ${p.cost_usd:,.0f} at ${p.price_per_gpu_hour:.2f}/GPU-hour",
+    ]
+    if p.deadline_days is not None:
+        lines.append(
+            f"  deadline    {p.deadline_days:g} days needs {p.gpus_for_deadline} GPUs "
+            f"({p.nodes_for_deadline} nodes of 8); same GPU-hours and cost"
+        )
+    return "\n".join(lines)
+
+
+MARKDOWN_HEADER = (
+    "| spec | params | tokens | FLOPs | GPUs | MFU | days | GPU-hours | $/GPU-h | cost |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def format_markdown(p: Plan, header: bool = True) -> str:
+    """One README table row (with the header unless ``header`` is False)."""
+    row = (
+        f"| {p.spec} | {_si(p.params)} | {_si(p.tokens)} | {p.flops:.3g} | {p.gpus} x {p.gpu} "
+        f"| {100 * p.mfu:.1f}% | {p.days:.2f} | {p.gpu_hours:,.0f} | {p.price_per_gpu_hour:.2f} "
+        f"| ${p.cost_usd:,.0f} |"
+    )
+    return f"{MARKDOWN_HEADER}\n{row}" if header else row
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="plan.py", description="Tokens, FLOPs, time, GPU-hours and cost of a run spec."
+    )
+    parser.add_argument("spec", help="run spec YAML, e.g. yamls/mpt-7b-1t.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides such as max_duration=1e9tok")
+    parser.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    parser.add_argument("--gpu", required=True, choices=sorted(GPU_TYPES), help="GPU type")
+    parser.add_argument(
+        "--mfu",
+        type=float,
+        default=PUBLISHED_MFU,
+        help=f"model FLOPs utilisation (default {PUBLISHED_MFU}: what MPT-7B's run implies)",
+    )
+    parser.add_argument("--price", type=float, default=None, help="USD per GPU-hour")
+    parser.add_argument("--deadline-days", type=float, default=None, help="GPUs to finish by this")
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="one JSON object")
+    out.add_argument("--markdown", action="store_true", help="a README table row")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.spec, args.overrides)
+        plan = make_plan(
+            cfg,
+            gpus=args.gpus,
+            gpu=args.gpu,
+            mfu=args.mfu,
+            price=args.price,
+            deadline_days=args.deadline_days,
+            gpus_per_node=args.gpus_per_node,
+            spec_name=args.spec,
+        )
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({**asdict(plan), "cost_usd": round(plan.cost_usd, 2)}))
+    elif args.markdown:
+        print(format_markdown(plan))
+    else:
+        print(format_text(plan))
+    return 0
