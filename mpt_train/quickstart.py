@@ -52,10 +52,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_data = time.monotonic() - t0
     trainer = train(cfg)
     wall = time.monotonic() - t0
-    metrics = Path(cfg.loggers.jsonl.path.format(run_name=cfg.run_name)) if cfg.loggers.jsonl else None
+    metrics = (
+        Path(cfg.loggers.jsonl.path.format(run_name=cfg.run_name)) if cfg.loggers.jsonl else None
+    )
     rows = read_metrics(metrics) if metrics and metrics.is_file() else []
     losses = [r["loss/train/total"] for r in rows if "loss/train/total" in r]
-    evals = [r["metrics/eval/LanguageCrossEntropy"] for r in rows if "metrics/eval/LanguageCrossEntropy" in r]
+    evals = [
+        r["metrics/eval/LanguageCrossEntropy"]
+        for r in rows
+        if "metrics/eval/LanguageCrossEntropy" in r
+    ]
     print("\nquickstart done")
     print(f"  wall time      {wall:.0f} s (data prep {t_data:.0f} s)")
     print(f"  batches        {int(trainer.state.timestamp.batch)}")
@@ -64,7 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if evals:
         print(f"  eval loss      {evals[-1]:.3f}")
     print(f"  data           {data}/{{train,val}}")
-    print(f"  checkpoints    {cfg.save_folder.format(run_name=cfg.run_name) if cfg.save_folder else '-'}")
+    print(
+        f"  checkpoints    {cfg.save_folder.format(run_name=cfg.run_name) if cfg.save_folder else '-'}"
+    )
     print(f"  metrics        {metrics}")
     print(f"  spec           runs/{cfg.run_name}/config.yaml")
     return 0

@@ -157,7 +157,7 @@ def _callbacks(cfg: RunConfig, spec: dict[str, Any], run_dir: Path) -> list[Call
     if cc.memory_monitor and torch.cuda.is_available():
         out.append(MemoryMonitor())
     if cc.runtime_estimator:
-        out.append(RuntimeEstimator())
+        out.append(RuntimeEstimator(time_unit="seconds"))
     return out
 
 
@@ -283,8 +283,11 @@ def train(cfg: RunConfig) -> Trainer:
     trainer = build_trainer(cfg)
     try:
         if is_finished(trainer):
-            log.info("run %s already reached max_duration %s; nothing to do",
-                     trainer.state.run_name, trainer.state.max_duration)
+            log.info(
+                "run %s already reached max_duration %s; nothing to do",
+                trainer.state.run_name,
+                trainer.state.max_duration,
+            )
         else:
             trainer.fit()
     finally:

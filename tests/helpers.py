@@ -14,8 +14,13 @@ def make_mds(out: Path, seq_len: int, max_docs: int = 400, val_fraction: float =
     """Tokenize the first ``max_docs`` documents of the shipped corpus into ``out/{train,val}``."""
     convert_corpus(
         ConvertOptions(
-            inputs=[SHIPPED_CORPUS], out=str(out), concat_tokens=seq_len, val_fraction=val_fraction,
-            max_docs=max_docs, workers=1, progress=False,
+            inputs=[SHIPPED_CORPUS],
+            out=str(out),
+            concat_tokens=seq_len,
+            val_fraction=val_fraction,
+            max_docs=max_docs,
+            workers=1,
+            progress=False,
         )
     )
     return out

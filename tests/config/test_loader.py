@@ -9,13 +9,19 @@ import pytest
 
 from mpt_train.config import ConfigError, load_config, load_config_dict, redact, to_container
 from mpt_train.config.redact import REDACTED
+from tests.helpers import REPO
 
 BASE = {
     "variables": {"seq": 64},
     "max_duration": "10ba",
     "global_train_batch_size": 8,
-    "model": {"d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": "${variables.seq}",
-              "vocab_size": 512},
+    "model": {
+        "d_model": 64,
+        "n_heads": 4,
+        "n_layers": 2,
+        "max_seq_len": "${variables.seq}",
+        "vocab_size": 512,
+    },
     "train_loader": {"dataset": {"local": "/data/mds", "max_seq_len": "${variables.seq}"}},
 }
 
@@ -111,7 +117,7 @@ def test_includes_merge_under_the_spec(tmp_path: Path) -> None:
 
 
 def test_bad_override_syntax() -> None:
-    with pytest.raises(ConfigError, match="a.b=c"):
+    with pytest.raises(ConfigError, match=r"a\.b=c"):
         load_config_dict(BASE, ["model.n_layers"])
 
 
@@ -123,10 +129,44 @@ def test_run_name_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_redaction_masks_secret_keys_and_env_values(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-123456")
-    spec = dict(BASE, variables={"seq": 64, "note": "key=wandb-secret-123456",
-                                 "hf_token": "hf_abcdefgh", "eos_token": "<|endoftext|>"})
+    spec = dict(
+        BASE,
+        variables={
+            "seq": 64,
+            "note": "key=wandb-secret-123456",
+            "hf_token": "hf_abcdefgh",
+            "eos_token": "<|endoftext|>",
+        },
+    )
     out = redact(to_container(load_config_dict(spec)))
     text = str(out)
     assert "wandb-secret-123456" not in text and "hf_abcdefgh" not in text
     assert out["variables"]["hf_token"] == REDACTED
     assert out["variables"]["eos_token"] == "<|endoftext|>"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    sorted(str(p.relative_to(REPO)) for p in (REPO / "yamls").glob("*.yaml")),
+)
+def test_every_shipped_spec_loads(spec: str) -> None:
+    cfg = load_config(REPO / spec)
+    assert cfg.train_loader.dataset.max_seq_len <= cfg.model.max_seq_len
+    assert cfg.model.attn_config.alibi and cfg.model.no_bias
+
+
+def test_mpt_7b_1t_is_the_published_run() -> None:
+    cfg = load_config(REPO / "yamls/mpt-7b-1t.yaml")
+    assert cfg.max_duration == "1000000000000tok"
+    assert cfg.global_train_batch_size == 1760 and cfg.train_loader.dataset.max_seq_len == 2048
+    assert cfg.optimizer.name == "decoupled_lionw"
+    assert (cfg.model.d_model, cfg.model.n_heads, cfg.model.n_layers, cfg.model.vocab_size) == (
+        4096,
+        32,
+        32,
+        50432,
+    )
+    mix = {k: s.proportion for k, s in cfg.train_loader.dataset.streams.items()}
+    assert mix["mc4"] == 0.33 and mix["c4"] == 0.299 and mix["stackexchange"] == 0.014
+    assert sum(mix.values()) == pytest.approx(1.0, abs=1e-9)
+    assert all(s.remote.startswith("s3://") for s in cfg.train_loader.dataset.streams.values())

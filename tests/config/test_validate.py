@@ -74,8 +74,10 @@ def test_stream_mixture_paths_are_checked(data: Path, tmp_path: Path) -> None:
     s = spec(data)
     s["train_loader"]["dataset"] = {
         "max_seq_len": 32,
-        "streams": {"good": {"local": str(data), "proportion": 0.5},
-                    "bad": {"local": str(tmp_path / "nope"), "proportion": 0.5}},
+        "streams": {
+            "good": {"local": str(data), "proportion": 0.5},
+            "bad": {"local": str(tmp_path / "nope"), "proportion": 0.5},
+        },
     }
     with pytest.raises(ConfigError) as e:
         check(s)
@@ -98,7 +100,10 @@ def test_cli_reports_bad_spec_in_one_line_without_traceback(data: Path, tmp_path
     t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, str(REPO / "train.py"), str(path), "optimizer.weight_decy=0.1"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert proc.returncode == 2
     assert "optimizer.weight_decy" in proc.stderr and "optimizer.weight_decay" in proc.stderr

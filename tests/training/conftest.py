@@ -28,7 +28,11 @@ def tiny_spec(data: str | Path, **top: Any) -> dict[str, Any]:
         "run_name": "tiny",
         "seed": 7,
         "model": {
-            "d_model": 32, "n_heads": 2, "n_layers": 2, "max_seq_len": SEQ, "vocab_size": 8192,
+            "d_model": 32,
+            "n_heads": 2,
+            "n_layers": 2,
+            "max_seq_len": SEQ,
+            "vocab_size": 8192,
             "attn_config": {"impl": "torch"},
         },
         "tokenizer": {"name": "mpt-train/tiny-bpe"},
@@ -52,13 +56,22 @@ def write_spec(path: Path, spec: dict[str, Any]) -> Path:
     return path
 
 
-def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300,
-        check: bool = True) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str],
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: int = 300,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Run a training command as a user would, from ``cwd``, with the repo importable."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", **(env or {})}
-    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{cmd} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

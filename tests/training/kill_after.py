@@ -33,7 +33,9 @@ class KillAt(Callback):
 def main() -> None:
     batch, rank, spec, *overrides = sys.argv[1:]
     setup_logging()
-    trainer = build_trainer(load_config(spec, overrides), extra_callbacks=[KillAt(int(batch), int(rank))])
+    trainer = build_trainer(
+        load_config(spec, overrides), extra_callbacks=[KillAt(int(batch), int(rank))]
+    )
     trainer.fit()
 
 

@@ -14,8 +14,17 @@ from mpt_train.optim import build_optimizer, param_groups
 
 def tiny_model(no_bias: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(MPTConfig(d_model=32, n_heads=2, n_layers=2, max_seq_len=16, vocab_size=64,
-                                 norm_type="layernorm", no_bias=no_bias))
+    return build_model(
+        MPTConfig(
+            d_model=32,
+            n_heads=2,
+            n_layers=2,
+            max_seq_len=16,
+            vocab_size=64,
+            norm_type="layernorm",
+            no_bias=no_bias,
+        )
+    )
 
 
 def test_param_groups_skip_norms_biases_and_embeddings() -> None:
@@ -23,11 +32,19 @@ def test_param_groups_skip_norms_biases_and_embeddings() -> None:
     decay, no_decay = param_groups(model, OptimizerConfig())
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
-    assert decayed and all(n.endswith("weight") and "norm" not in n and "wte" not in n for n in decayed)
-    assert {names[id(p)] for p in no_decay["params"]} >= {"wte.weight", "norm_f.weight", "norm_f.bias"}
+    assert decayed and all(
+        n.endswith("weight") and "norm" not in n and "wte" not in n for n in decayed
+    )
+    assert {names[id(p)] for p in no_decay["params"]} >= {
+        "wte.weight",
+        "norm_f.weight",
+        "norm_f.bias",
+    }
     assert no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-    groups = param_groups(model, OptimizerConfig(decay_embeddings=True, decay_norms_and_biases=True))
+    groups = param_groups(
+        model, OptimizerConfig(decay_embeddings=True, decay_norms_and_biases=True)
+    )
     assert len(groups) == 1
 
 
@@ -38,8 +55,13 @@ def test_fast_decoupled_adamw_matches_composer(impl: str) -> None:
     # noise Adam would amplify differently in any two implementations.
     a, b = tiny_model(no_bias=True), tiny_model(no_bias=True)
     opt_a = build_optimizer(cfg, a)
-    opt_b = DecoupledAdamW(param_groups(b, cfg), lr=cfg.lr, betas=(0.9, 0.95), eps=cfg.eps,
-                           weight_decay=cfg.weight_decay)
+    opt_b = DecoupledAdamW(
+        param_groups(b, cfg),
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+    )
     sched = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in (opt_a, opt_b)]
     x = torch.randint(0, 64, (2, 16))
     for _ in range(5):

@@ -19,8 +19,9 @@ def losses(path: Path) -> dict[int, float]:
     return {r["step"]: r["loss/train/total"] for r in read_metrics(path) if "loss/train/total" in r}
 
 
-def test_train_logs_metrics_saves_config_and_checkpoints(mds_dir: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_logs_metrics_saves_config_and_checkpoints(
+    mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-very-secret-42")
     spec = tiny_spec(
@@ -28,8 +29,10 @@ def test_train_logs_metrics_saves_config_and_checkpoints(mds_dir: Path, tmp_path
         max_duration="6ba",
         save_folder=str(tmp_path / "ckpt"),
         save_interval="3ba",
-        eval_loader={"dataset": {"local": str(mds_dir), "split": "val", "max_seq_len": 32,
-                                 "shuffle": False}, "num_workers": 0},
+        eval_loader={
+            "dataset": {"local": str(mds_dir), "split": "val", "max_seq_len": 32, "shuffle": False},
+            "num_workers": 0,
+        },
         eval_interval="3ba",
         variables={"note": "${oc.env:MY_SERVICE_TOKEN}"},
     )
@@ -51,8 +54,12 @@ def test_train_logs_metrics_saves_config_and_checkpoints(mds_dir: Path, tmp_path
 
 def test_loss_falls(mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    spec = tiny_spec(mds_dir, max_duration="40ba", optimizer={"lr": 5e-3},
-                     model={**tiny_spec(mds_dir)["model"], "d_model": 64})
+    spec = tiny_spec(
+        mds_dir,
+        max_duration="40ba",
+        optimizer={"lr": 5e-3},
+        model={**tiny_spec(mds_dir)["model"], "d_model": 64},
+    )
     train(load_config_dict(spec))
     loss = losses(tmp_path / "runs/tiny/metrics.jsonl")
     first = sum(loss[s] for s in range(1, 6)) / 5
@@ -62,25 +69,47 @@ def test_loss_falls(mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_sigkill_then_same_command_resumes_bitwise(nproc: int, mds_dir: Path, tmp_path: Path) -> None:
+def test_sigkill_then_same_command_resumes_bitwise(
+    nproc: int, mds_dir: Path, tmp_path: Path
+) -> None:
     """Kill a rank after batch 5 (checkpoint at 4); re-running resumes with identical losses."""
-    spec = tiny_spec(mds_dir, global_train_batch_size=4, save_interval="2ba",
-                     fsdp={"sharding_strategy": "FULL_SHARD", "state_dict_type": "sharded"})
-    ref = write_spec(tmp_path / "ref.yaml", {**spec, "run_name": "ref",
-                                             "save_folder": str(tmp_path / "ref-ckpt")})
-    cut = write_spec(tmp_path / "cut.yaml", {**spec, "run_name": "cut",
-                                             "save_folder": str(tmp_path / "cut-ckpt")})
+    spec = tiny_spec(
+        mds_dir,
+        global_train_batch_size=4,
+        save_interval="2ba",
+        fsdp={"sharding_strategy": "FULL_SHARD", "state_dict_type": "sharded"},
+    )
+    ref = write_spec(
+        tmp_path / "ref.yaml",
+        {**spec, "run_name": "ref", "save_folder": str(tmp_path / "ref-ckpt")},
+    )
+    cut = write_spec(
+        tmp_path / "cut.yaml",
+        {**spec, "run_name": "cut", "save_folder": str(tmp_path / "cut-ckpt")},
+    )
     launch = composer_cmd(nproc) if nproc > 1 else [sys.executable]
     run([*launch, str(REPO / "train.py"), str(ref)], cwd=tmp_path)
 
-    killed = run([*launch, str(REPO / "tests/training/kill_after.py"), "5", str(nproc - 1), str(cut),
-                  "loggers.jsonl.path=runs/cut/first.jsonl"], cwd=tmp_path, check=False)
+    killed = run(
+        [
+            *launch,
+            str(REPO / "tests/training/kill_after.py"),
+            "5",
+            str(nproc - 1),
+            str(cut),
+            "loggers.jsonl.path=runs/cut/first.jsonl",
+        ],
+        cwd=tmp_path,
+        check=False,
+    )
     assert killed.returncode != 0
     first = losses(tmp_path / "runs/cut/first.jsonl")
     assert max(first) == 5
 
-    resumed = run([*launch, str(REPO / "train.py"), str(cut),
-                   "loggers.jsonl.path=runs/cut/second.jsonl"], cwd=tmp_path)
+    resumed = run(
+        [*launch, str(REPO / "train.py"), str(cut), "loggers.jsonl.path=runs/cut/second.jsonl"],
+        cwd=tmp_path,
+    )
     second = losses(tmp_path / "runs/cut/second.jsonl")
     expected = losses(tmp_path / "runs/ref/metrics.jsonl")
     assert sorted(second) == [5, 6, 7, 8], resumed.stdout[-2000:]
@@ -91,31 +120,51 @@ def test_sigkill_then_same_command_resumes_bitwise(nproc: int, mds_dir: Path, tm
 
 
 @pytest.mark.slow
-def test_two_process_fsdp_with_s3_checkpoints_resumes(mds_dir: Path, tmp_path: Path, s3_server) -> None:
+def test_two_process_fsdp_with_s3_checkpoints_resumes(
+    mds_dir: Path, tmp_path: Path, s3_server
+) -> None:
     bucket = s3_server.bucket
-    spec = tiny_spec(mds_dir, save_interval="2ba", max_duration="6ba",
-                     fsdp={"sharding_strategy": "FULL_SHARD"})
+    spec = tiny_spec(
+        mds_dir, save_interval="2ba", max_duration="6ba", fsdp={"sharding_strategy": "FULL_SHARD"}
+    )
     ref = write_spec(tmp_path / "ref.yaml", {**spec, "run_name": "ref"})
-    cut = write_spec(tmp_path / "cut.yaml", {**spec, "run_name": "s3cut",
-                                             "save_folder": f"s3://{bucket}/ckpt/{{run_name}}"})
+    cut = write_spec(
+        tmp_path / "cut.yaml",
+        {**spec, "run_name": "s3cut", "save_folder": f"s3://{bucket}/ckpt/{{run_name}}"},
+    )
     env = s3_server.env()
     run([*composer_cmd(2), str(REPO / "train.py"), str(ref)], cwd=tmp_path, env=env)
-    killed = run([*composer_cmd(2), str(REPO / "tests/training/kill_after.py"), "3", "0", str(cut),
-                  "loggers.jsonl.path=runs/s3cut/first.jsonl"], cwd=tmp_path, env=env, check=False)
+    killed = run(
+        [
+            *composer_cmd(2),
+            str(REPO / "tests/training/kill_after.py"),
+            "3",
+            "0",
+            str(cut),
+            "loggers.jsonl.path=runs/s3cut/first.jsonl",
+        ],
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
     assert killed.returncode != 0
     # A fresh working folder: nothing local survives, the checkpoint comes back from the bucket.
     other = tmp_path / "elsewhere"
     other.mkdir()
-    run([*composer_cmd(2), str(REPO / "train.py"), str(cut),
-         "loggers.jsonl.path=second.jsonl"], cwd=other, env=env)
+    run(
+        [*composer_cmd(2), str(REPO / "train.py"), str(cut), "loggers.jsonl.path=second.jsonl"],
+        cwd=other,
+        env=env,
+    )
     second = losses(other / "second.jsonl")
     expected = losses(tmp_path / "runs/ref/metrics.jsonl")
     assert sorted(second) == [3, 4, 5, 6]
     assert all(second[s] == expected[s] for s in second)
 
 
-def test_rerun_after_finish_does_not_train_again(mds_dir: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rerun_after_finish_does_not_train_again(
+    mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     spec = tiny_spec(mds_dir, max_duration="3ba", save_folder="ckpt", save_interval="3ba")
     train(load_config_dict(spec))
@@ -123,4 +172,6 @@ def test_rerun_after_finish_does_not_train_again(mds_dir: Path, tmp_path: Path,
     trainer = train(load_config_dict(spec))
     assert int(trainer.state.timestamp.batch) == 3
     assert len(read_metrics(tmp_path / "runs/tiny/metrics.jsonl")) == n_rows
-    assert json.loads((tmp_path / "runs/tiny/metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+    assert (
+        json.loads((tmp_path / "runs/tiny/metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+    )

@@ -1,0 +1,235 @@
+"""MPT self-attention: fused QKV projection, optional QK-LayerNorm / clipping, GQA, KV cache,
+and four kernels that all apply the same causal mask, ALiBi bias and document mask.
+
+Kernels (``AttentionConfig.impl``, mapped by plain if/else in :func:`attend`):
+  * ``torch``  explicit matmul + fp32 softmax; the readable reference.
+  * ``sdpa``   ``F.scaled_dot_product_attention``; ``is_causal`` when there is no bias to add,
+               else an additive ALiBi + mask tensor (which rules out its flash backend).
+  * ``flex``   FlexAttention with an ALiBi ``score_mod`` (see :mod:`mpt_train.model.flex`).
+  * ``flash``  flash-attn 2 with ``alibi_slopes`` (GPU only, checked at build time).
+Queries are always the last Q positions of the K keys (Q < K while decoding with a cache).
+
+Legend: B batch, S new tokens, H query heads, G key/value heads, Q query length,
+K key length (past + new), D head dim, M d_model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpt_train.errors import ConfigError
+from mpt_train.model.alibi import alibi_bias
+from mpt_train.model.config import MPTConfig
+from mpt_train.model.flex import flex_attend, flex_attention_available
+from mpt_train.model.norm import build_norm
+
+__all__ = ["KVCache", "MPTAttention", "attend", "check_attention_impl"]
+
+logger = logging.getLogger(__name__)
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_BGKD, v_BGKD) of one layer
+
+
+def check_attention_impl(impl: str) -> None:
+    """Fail at build time, not at the first step, when a kernel cannot run here."""
+    if impl == "flex":
+        reason = flex_attention_available()
+        if reason is not None:
+            raise ConfigError("attn_config.impl", f"'flex' needs torch >= 2.5: {reason}")
+    elif impl == "flash":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError as err:
+            raise ConfigError(
+                "attn_config.impl",
+                f"'flash' needs the flash-attn package, which is not importable ({err}); "
+                "install flash-attn>=2.4 on a CUDA machine or use one of: torch, sdpa, flex",
+            ) from None
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "attn_config.impl",
+                "'flash' needs a CUDA GPU and none is available; use one of: torch, sdpa, flex",
+            )
+
+
+def _repeat_kv(x_BGKD: torch.Tensor, n_heads: int) -> torch.Tensor:
+    n_rep = n_heads // x_BGKD.shape[1]
+    return x_BGKD if n_rep == 1 else x_BGKD.repeat_interleave(n_rep, dim=1)
+
+
+def _keep_mask(
+    q_len: int, k_len: int, seq_id_BS: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """Boolean ``[B|1, 1, Q, K]``: causal (bottom-right aligned) and, if given, same document."""
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)
+    keep_QK = torch.arange(k_len, device=device)[None, :] <= q_pos[:, None]
+    if seq_id_BS is None:
+        return keep_QK[None, None]
+    same_doc_BQK = seq_id_BS[:, -q_len:, None] == seq_id_BS[:, None, :]
+    return (keep_QK[None] & same_doc_BQK)[:, None]
+
+
+def _torch_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes_H: torch.Tensor | None,
+    scale: float,
+    seq_id_BS: torch.Tensor | None,
+    dropout_p: float,
+) -> torch.Tensor:
+    q_len, k_len = q.shape[2], k.shape[2]
+    scores_BHQK = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if slopes_H is not None:
+        scores_BHQK = scores_BHQK + alibi_bias(slopes_H, q_len, k_len, k_len - q_len).to(q.dtype)
+    keep = _keep_mask(q_len, k_len, seq_id_BS, q.device)
+    scores_BHQK = scores_BHQK.masked_fill(~keep, float("-inf"))
+    probs_BHQK = torch.softmax(scores_BHQK.float(), dim=-1).to(v.dtype)
+    probs_BHQK = F.dropout(probs_BHQK, p=dropout_p, training=dropout_p > 0)
+    return torch.matmul(probs_BHQK, v)
+
+
+def _sdpa_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes_H: torch.Tensor | None,
+    scale: float,
+    seq_id_BS: torch.Tensor | None,
+    dropout_p: float,
+) -> torch.Tensor:
+    q_len, k_len = q.shape[2], k.shape[2]
+    if slopes_H is None and seq_id_BS is None and q_len in (1, k_len):
+        # Pure causal: let SDPA pick its flash/efficient kernels (a single query sees all keys).
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=q_len > 1, scale=scale
+        )
+    keep = _keep_mask(q_len, k_len, seq_id_BS, q.device)
+    if slopes_H is None:
+        mask = keep
+    else:
+        bias_HQK = alibi_bias(slopes_H, q_len, k_len, k_len - q_len).to(q.dtype)
+        mask = bias_HQK[None].masked_fill(~keep, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
+def _flash_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes_H: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+) -> torch.Tensor:
+    from flash_attn import flash_attn_func  # checked importable at build time
+
+    # flash-attn wants [B, S, H, D], handles GQA natively and aligns causal bottom-right.
+    out_BQHD = flash_attn_func(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        dropout_p=dropout_p,
+        softmax_scale=scale,
+        causal=True,
+        alibi_slopes=None if slopes_H is None else slopes_H.float(),
+    )
+    return out_BQHD.transpose(1, 2)
+
+
+def attend(
+    impl: str,
+    q_BHQD: torch.Tensor,
+    k_BGKD: torch.Tensor,
+    v_BGKD: torch.Tensor,
+    *,
+    slopes_H: torch.Tensor | None,
+    softmax_scale: float,
+    seq_id_BS: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Causal attention of Q queries over K >= Q keys with the chosen kernel -> ``[B,H,Q,D]``.
+
+    ``seq_id_BS`` (document ids over the K key positions) restricts attention to one document.
+    """
+    n_heads, q_len, k_len = q_BHQD.shape[1], q_BHQD.shape[2], k_BGKD.shape[2]
+    if impl == "flash":
+        return _flash_attend(q_BHQD, k_BGKD, v_BGKD, slopes_H, softmax_scale, dropout_p)
+    if impl == "flex" and q_len == k_len:
+        return flex_attend(
+            q_BHQD,
+            k_BGKD,
+            v_BGKD,
+            slopes_H=slopes_H,
+            softmax_scale=softmax_scale,
+            seq_id_BS=seq_id_BS,
+        )
+    k_BHKD, v_BHKD = _repeat_kv(k_BGKD, n_heads), _repeat_kv(v_BGKD, n_heads)
+    if impl == "torch":
+        return _torch_attend(q_BHQD, k_BHKD, v_BHKD, slopes_H, softmax_scale, seq_id_BS, dropout_p)
+    if impl in ("sdpa", "flex"):  # flex decode steps (Q < K) would recompile per step
+        return _sdpa_attend(q_BHQD, k_BHKD, v_BHKD, slopes_H, softmax_scale, seq_id_BS, dropout_p)
+    raise ValueError(f"unknown attention impl {impl!r}")  # AttentionConfig validates earlier
+
+
+class MPTAttention(nn.Module):
+    """Fused-QKV causal self-attention (llm-foundry ``GroupedQueryAttention``; MHA when G == H)."""
+
+    def __init__(self, cfg: MPTConfig) -> None:
+        super().__init__()
+        acfg = cfg.attn_config
+        check_attention_impl(acfg.impl)
+        self.impl = acfg.impl
+        self.n_heads, self.kv_n_heads, self.head_dim = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
+        self.clip_qkv = acfg.clip_qkv
+        self.softmax_scale = acfg.softmax_scale or 1.0 / math.sqrt(self.head_dim)
+        self.attn_pdrop = acfg.attn_pdrop
+        kv_dim = self.kv_n_heads * self.head_dim
+        self.Wqkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=not cfg.no_bias)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=not cfg.no_bias)
+        self.out_proj._is_residual = True  # init divides its std by sqrt(2 * n_layers)
+        self.q_ln = self.k_ln = None
+        if acfg.qk_ln:
+            bias = not cfg.no_bias
+            self.q_ln = build_norm(cfg.norm_type, cfg.d_model, cfg.norm_eps, bias)
+            self.k_ln = build_norm(cfg.norm_type, kv_dim, cfg.norm_eps, bias)
+
+    def forward(
+        self,
+        x_BSM: torch.Tensor,
+        slopes_H: torch.Tensor | None,
+        seq_id_BS: torch.Tensor | None = None,
+        past_kv: KVCache | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """Return the attention output ``[B,S,M]`` and this layer's updated (k, v) cache."""
+        batch, seq_len, d_model = x_BSM.shape
+        qkv = self.Wqkv(x_BSM)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+        kv_dim = self.kv_n_heads * self.head_dim
+        q_BSM, k_BSN, v_BSN = qkv.split([d_model, kv_dim, kv_dim], dim=-1)
+        if self.q_ln is not None:
+            dtype = q_BSM.dtype
+            q_BSM, k_BSN = self.q_ln(q_BSM).to(dtype), self.k_ln(k_BSN).to(dtype)
+        q_BHSD = q_BSM.view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BGSD = k_BSN.view(batch, seq_len, self.kv_n_heads, self.head_dim).transpose(1, 2)
+        v_BGSD = v_BSN.view(batch, seq_len, self.kv_n_heads, self.head_dim).transpose(1, 2)
+        if past_kv is not None:
+            k_BGSD = torch.cat([past_kv[0], k_BGSD], dim=2)
+            v_BGSD = torch.cat([past_kv[1], v_BGSD], dim=2)
+        out_BHSD = attend(
+            self.impl,
+            q_BHSD,
+            k_BGSD,
+            v_BGSD,
+            slopes_H=slopes_H,
+            softmax_scale=self.softmax_scale,
+            seq_id_BS=seq_id_BS,
+            dropout_p=self.attn_pdrop if self.training else 0.0,
+        )
+        out_BSM = out_BHSD.transpose(1, 2).reshape(batch, seq_len, d_model)
+        return self.out_proj(out_BSM), (k_BGSD, v_BGSD)

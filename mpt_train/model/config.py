@@ -1,0 +1,206 @@
+"""Typed model section of the run spec: what an MPT network needs, validated up front.
+
+The fields follow llm-foundry's MPT ``model:`` section (and transformers' ``MptConfig``) so
+YAMLs carry over. Every dataclass here loads with ``OmegaConf.structured`` (plain types, no
+Literal/Union). A bad combination raises :class:`~mpt_train.errors.ConfigError` naming the
+field and the allowed values at construction, before any memory is allocated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+from mpt_train.errors import ConfigError
+
+__all__ = [
+    "ATTN_IMPLS",
+    "INIT_DEVICES",
+    "INIT_NAMES",
+    "NORM_TYPES",
+    "AttentionConfig",
+    "InitConfig",
+    "MPTConfig",
+]
+
+logger = logging.getLogger(__name__)
+
+ATTN_IMPLS = ("torch", "sdpa", "flex", "flash")
+NORM_TYPES = ("low_precision_layernorm", "layernorm", "rmsnorm")
+INIT_DEVICES = ("cpu", "meta")
+INIT_NAMES = ("kaiming_normal", "normal")
+FAN_MODES = ("fan_in", "fan_out")
+
+
+def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, f"got {value!r}, allowed values: {', '.join(allowed)}")
+
+
+def _check_prob(key: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(key, f"got {value!r}, must be a probability in [0, 1)")
+
+
+@dataclass
+class AttentionConfig:
+    """Attention kernel choice and MPT's attention options.
+
+    ``impl`` picks the kernel: ``torch`` (explicit matmul/softmax, the reference), ``sdpa``
+    (``F.scaled_dot_product_attention`` with an additive ALiBi bias), ``flex`` (FlexAttention
+    with an ALiBi ``score_mod``, compiled) or ``flash`` (flash-attn, GPU only). ALiBi and
+    document masking (``attn_uses_sequence_id``) are applied inside every kernel.
+    ``kv_n_heads`` < ``n_heads`` gives grouped-query attention (1 = multi-query).
+    """
+
+    impl: str = "sdpa"
+    alibi: bool = True
+    alibi_bias_max: int = 8
+    qk_ln: bool = False
+    clip_qkv: float | None = None
+    softmax_scale: float | None = None
+    kv_n_heads: int | None = None
+    attn_pdrop: float = 0.0
+    attn_uses_sequence_id: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("impl", self.impl, ATTN_IMPLS)
+        if self.alibi_bias_max <= 0:
+            raise ConfigError("alibi_bias_max", f"got {self.alibi_bias_max}, must be > 0")
+        if self.clip_qkv is not None and self.clip_qkv <= 0:
+            raise ConfigError("clip_qkv", f"got {self.clip_qkv}, must be > 0 or null")
+        if self.softmax_scale is not None and self.softmax_scale <= 0:
+            raise ConfigError("softmax_scale", f"got {self.softmax_scale}, must be > 0 or null")
+        if self.kv_n_heads is not None and self.kv_n_heads < 1:
+            raise ConfigError("kv_n_heads", f"got {self.kv_n_heads}, must be >= 1 or null")
+        _check_prob("attn_pdrop", self.attn_pdrop)
+        if self.impl == "flex" and self.attn_pdrop > 0:
+            raise ConfigError(
+                "attn_pdrop",
+                f"got {self.attn_pdrop}; impl 'flex' has no attention dropout, "
+                "use 0.0 or impl torch/sdpa/flash",
+            )
+        if self.impl == "flash" and self.attn_uses_sequence_id:
+            raise ConfigError(
+                "attn_uses_sequence_id",
+                "document masking is not implemented for impl 'flash'; "
+                "allowed impls with attn_uses_sequence_id: torch, sdpa, flex",
+            )
+
+
+@dataclass
+class InitConfig:
+    """Parameter initialisation (llm-foundry's ``init_config``).
+
+    The MPT default is kaiming-normal (fan_in, relu gain, i.e. std sqrt(2/fan_in)) for every
+    linear layer and the embedding, with the residual output projections (``attn.out_proj``,
+    ``ffn.down_proj``) divided by sqrt(2 * n_layers) so the residual stream's variance does not
+    grow with depth. ``name='normal'`` uses a fixed ``init_std`` instead.
+    """
+
+    name: str = "kaiming_normal"
+    fan_mode: str = "fan_in"
+    init_gain: float = 0.0
+    init_std: float | None = None
+    emb_init_std: float | None = None
+    init_div_is_residual: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("name", self.name, INIT_NAMES)
+        _check_choice("fan_mode", self.fan_mode, FAN_MODES)
+        if self.name == "normal" and (self.init_std is None or self.init_std <= 0):
+            raise ConfigError("init_std", f"got {self.init_std}, name 'normal' needs a std > 0")
+        if self.emb_init_std is not None and self.emb_init_std <= 0:
+            raise ConfigError("emb_init_std", f"got {self.emb_init_std}, must be > 0 or null")
+
+
+@dataclass
+class MPTConfig:
+    """The MPT architecture. Field names match llm-foundry / transformers' ``MptConfig``."""
+
+    d_model: int = 2048
+    n_heads: int = 16
+    n_layers: int = 24
+    expansion_ratio: int = 4
+    max_seq_len: int = 2048
+    vocab_size: int = 50432
+    no_bias: bool = True
+    norm_type: str = "low_precision_layernorm"
+    norm_eps: float = 1e-5
+    learned_pos_emb: bool = False
+    logit_scale: float | None = None
+    embedding_fraction: float = 1.0
+    emb_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    attn_config: AttentionConfig = field(default_factory=AttentionConfig)
+    init_config: InitConfig = field(default_factory=InitConfig)
+    init_device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        # OmegaConf.structured hands nested sections over as DictConfig; accept plain dicts too.
+        if not isinstance(self.attn_config, AttentionConfig):
+            self.attn_config = _nested(AttentionConfig, self.attn_config, "attn_config")
+        if not isinstance(self.init_config, InitConfig):
+            self.init_config = _nested(InitConfig, self.init_config, "init_config")
+        for key in (
+            "d_model",
+            "n_heads",
+            "n_layers",
+            "expansion_ratio",
+            "max_seq_len",
+            "vocab_size",
+        ):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"got {getattr(self, key)}, must be >= 1")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                "n_heads", f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}"
+            )
+        kv = self.attn_config.kv_n_heads
+        if kv is not None and (kv > self.n_heads or self.n_heads % kv):
+            raise ConfigError(
+                "attn_config.kv_n_heads",
+                f"got {kv}, must divide n_heads ({self.n_heads}): allowed values "
+                f"{[h for h in range(1, self.n_heads + 1) if self.n_heads % h == 0]}",
+            )
+        _check_choice("norm_type", self.norm_type, NORM_TYPES)
+        _check_choice("init_device", self.init_device, INIT_DEVICES)
+        if self.norm_eps <= 0:
+            raise ConfigError("norm_eps", f"got {self.norm_eps}, must be > 0")
+        if self.learned_pos_emb and self.attn_config.alibi:
+            raise ConfigError(
+                "learned_pos_emb",
+                "learned position embeddings and ALiBi are exclusive: set learned_pos_emb "
+                "false or attn_config.alibi false",
+            )
+        if not 0.0 < self.embedding_fraction <= 1.0:
+            raise ConfigError(
+                "embedding_fraction", f"got {self.embedding_fraction}, must be in (0, 1]"
+            )
+        if self.logit_scale is not None and (
+            self.logit_scale <= 0 or not math.isfinite(self.logit_scale)
+        ):
+            raise ConfigError("logit_scale", f"got {self.logit_scale}, must be > 0 or null")
+        _check_prob("emb_pdrop", self.emb_pdrop)
+        _check_prob("resid_pdrop", self.resid_pdrop)
+        if not self.attn_config.alibi and not self.learned_pos_emb:
+            logger.warning("MPTConfig: neither ALiBi nor learned_pos_emb: no position signal")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_n_heads(self) -> int:
+        """Key/value heads: ``attn_config.kv_n_heads`` or ``n_heads`` (plain multi-head)."""
+        return self.attn_config.kv_n_heads or self.n_heads
+
+
+def _nested(cls: type, value: object, key: str) -> object:
+    try:
+        return cls(**dict(value))  # type: ignore[call-overload]
+    except ConfigError as err:
+        raise err.with_prefix(key) from None
+    except TypeError as err:
+        raise ConfigError(key, f"invalid section: {err}") from None

@@ -1,0 +1,122 @@
+"""FlexAttention path: ALiBi as a ``score_mod`` and causal / document masks as block masks.
+
+FlexAttention only runs fast once ``torch.compile`` has generated a fused kernel for it, so on
+CUDA the compiled function is built once per process and reused. On CPU it runs eagerly (an
+unfused reference that materialises the scores): torch 2.7's CPU FlexAttention compile path
+has no backward (its lowering fails with ``IndexError`` when inputs need grad) and, on a
+multi-threaded host, emits C++ that does not compile. Causal block masks are cached per
+(sequence length, device) since building one costs a pass over all blocks. Masks that
+depend on the batch's ``sequence_id`` are rebuilt every call (they change with the data).
+Slopes are passed as a tensor captured by the score_mod, so new values never recompile.
+
+Legend: B batch, H query heads, G key/value heads, Q/K/S query/key/sequence length, D head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["flex_attend", "flex_attention_available"]
+
+logger = logging.getLogger(__name__)
+
+try:  # torch >= 2.5
+    from torch.nn.attention.flex_attention import (
+        BlockMask,
+        create_block_mask,
+        flex_attention,
+    )
+
+    _FLEX_IMPORT_ERROR: str | None = None
+except ImportError as err:  # pragma: no cover - depends on the torch build
+    _FLEX_IMPORT_ERROR = str(err)
+
+
+def flex_attention_available() -> str | None:
+    """None when FlexAttention can be used, else the reason it cannot."""
+    return _FLEX_IMPORT_ERROR
+
+
+@functools.cache
+def _compiled_flex() -> Callable[..., torch.Tensor]:
+    """Compile FlexAttention once; eager FlexAttention is a slow reference only."""
+    logger.info("compiling FlexAttention (once per process)")
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _causal(
+    b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+) -> torch.Tensor:
+    return kv_idx <= q_idx
+
+
+@functools.lru_cache(maxsize=32)
+def _causal_block_mask(seq_len: int, device: torch.device) -> BlockMask:
+    return create_block_mask(_causal, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+
+
+def _document_block_mask(seq_id_BS: torch.Tensor) -> BlockMask:
+    def causal_same_doc(
+        b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+    ) -> torch.Tensor:
+        return (kv_idx <= q_idx) & (seq_id_BS[b, q_idx] == seq_id_BS[b, kv_idx])
+
+    batch, seq_len = seq_id_BS.shape
+    return create_block_mask(
+        causal_same_doc, B=batch, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=seq_id_BS.device
+    )
+
+
+def flex_attend(
+    q_BHQD: torch.Tensor,
+    k_BGKD: torch.Tensor,
+    v_BGKD: torch.Tensor,
+    *,
+    slopes_H: torch.Tensor | None,
+    softmax_scale: float,
+    seq_id_BS: torch.Tensor | None = None,
+    compiled: bool | None = None,
+) -> torch.Tensor:
+    """Causal self-attention (Q == K) with optional ALiBi and document masking.
+
+    ``compiled`` forces the compiled (True) or eager (False) kernel; None compiles on CUDA only.
+
+    Incremental decoding (Q < K) is not routed here: each step would be a new static shape,
+    i.e. a recompilation; the caller uses SDPA with the same bias for those steps.
+    """
+    q_len, k_len = q_BHQD.shape[2], k_BGKD.shape[2]
+    assert q_len == k_len, "flex_attend is for full sequences; decode steps use sdpa"
+    if seq_id_BS is None:
+        block_mask = _causal_block_mask(q_len, q_BHQD.device)
+    else:
+        block_mask = _document_block_mask(seq_id_BS)
+
+    score_mod = None
+    if slopes_H is not None:
+        slopes = slopes_H.float()
+
+        def score_mod(
+            score: torch.Tensor,
+            b: torch.Tensor,
+            h: torch.Tensor,
+            q_idx: torch.Tensor,
+            kv_idx: torch.Tensor,
+        ) -> torch.Tensor:
+            return score + slopes[h] * (kv_idx - q_idx)
+
+    if compiled is None:
+        compiled = q_BHQD.is_cuda
+    flex_fn = _compiled_flex() if compiled else flex_attention
+    return flex_fn(
+        q_BHQD,
+        k_BGKD,
+        v_BGKD,
+        score_mod=score_mod,
+        block_mask=block_mask,
+        scale=softmax_scale,
+        enable_gqa=q_BHQD.shape[1] != k_BGKD.shape[1],
+    )

@@ -1,0 +1,146 @@
+"""Forward+backward time of each attention kernel at one shape, side by side.
+
+Rows: ``torch`` (reference, ALiBi), ``sdpa+alibi`` (additive ALiBi+causal mask),
+``sdpa causal`` (``is_causal``, no ALiBi: the floor ALiBi costs are measured against),
+``flex+alibi`` (FlexAttention, ALiBi score_mod, compiled), ``flex+alibi eager`` when compiling
+is impossible here, and ``flash+alibi`` when flash-attn is importable on a GPU. Every row runs
+the kernel mpt_train.model uses, and its output is checked against the torch reference.
+
+    python scripts/bench_attention.py --batch 2 --heads 4 --seq 256 --head-dim 32 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from mpt_train.model.alibi import alibi_slopes
+from mpt_train.model.attention import attend, check_attention_impl
+from mpt_train.model.flex import flex_attend
+
+logger = logging.getLogger(__name__)
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fwd_bwd(
+    fn: Kernel,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grad_out: torch.Tensor,
+    warmup: int,
+    iters: int,
+) -> float:
+    """Median milliseconds of one forward + backward."""
+    times = []
+    for i in range(warmup + iters):
+        for t in (q, k, v):
+            t.grad = None
+        _sync(q.device)
+        start = time.perf_counter()
+        fn(q, k, v).backward(grad_out)
+        _sync(q.device)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def kernels(heads: int, scale: float, device: torch.device) -> dict[str, Kernel]:
+    slopes = alibi_slopes(heads, device=device)
+    rows: dict[str, Kernel] = {
+        "torch+alibi": lambda q, k, v: attend(
+            "torch", q, k, v, slopes_H=slopes, softmax_scale=scale
+        ),
+        "sdpa+alibi": lambda q, k, v: attend("sdpa", q, k, v, slopes_H=slopes, softmax_scale=scale),
+        "sdpa causal (no alibi)": lambda q, k, v: attend(
+            "sdpa", q, k, v, slopes_H=None, softmax_scale=scale
+        ),
+        "flex+alibi compiled": lambda q, k, v: flex_attend(
+            q, k, v, slopes_H=slopes, softmax_scale=scale, compiled=True
+        ),
+        "flex+alibi eager": lambda q, k, v: flex_attend(
+            q, k, v, slopes_H=slopes, softmax_scale=scale, compiled=False
+        ),
+    }
+    try:
+        check_attention_impl("flash")
+        rows["flash+alibi"] = lambda q, k, v: attend(
+            "flash", q, k, v, slopes_H=slopes, softmax_scale=scale
+        )
+    except ValueError as err:
+        logger.info("flash row skipped: %s", err)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = (args.batch, args.heads, args.seq, args.head_dim)
+    q, k, v = (
+        torch.randn(shape, device=device, dtype=dtype, generator=gen).requires_grad_()
+        for _ in range(3)
+    )
+    grad_out = torch.randn(shape, device=device, dtype=dtype, generator=gen)
+    scale = args.head_dim**-0.5
+    print(
+        f"shape B={args.batch} H={args.heads} S={args.seq} D={args.head_dim} "
+        f"{args.dtype} on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+        f"median of {args.iters} fwd+bwd after {args.warmup} warmup"
+    )
+
+    rows = kernels(args.heads, scale, device)
+    with torch.no_grad():
+        ref = rows["torch+alibi"](q, k, v).float()
+    results: dict[str, float | str] = {}
+    for name, fn in rows.items():
+        if name == "flex+alibi eager" and device.type == "cuda":
+            continue  # the compiled row is the GPU path; eager materialises S x S scores
+        try:
+            with torch.no_grad():
+                out = fn(q, k, v).float()
+            if name != "sdpa causal (no alibi)":
+                err = (out - ref).abs().max().item()
+                tol = 1e-3 if dtype == torch.float32 else 5e-2
+                if err > tol:
+                    raise RuntimeError(f"output differs from torch reference by {err:.2e}")
+            results[name] = time_fwd_bwd(fn, q, k, v, grad_out, args.warmup, args.iters)
+        except Exception as err:  # report the kernel as unavailable, keep benchmarking others
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            results[name] = f"n/a: {type(err).__name__}: {reason[:90]}"
+
+    floor = results.get("sdpa causal (no alibi)")
+    print(f"\n{'kernel':<24} {'fwd+bwd ms':>11} {'x sdpa-no-alibi':>16}")
+    for name, res in results.items():
+        if isinstance(res, str):
+            print(f"{name:<24} {res}")
+        else:
+            ratio = f"{res / floor:.2f}" if isinstance(floor, float) else "-"
+            print(f"{name:<24} {res:>11.2f} {ratio:>16}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""MPTConfig validation: bad combinations fail at construction, naming the field."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from omegaconf import OmegaConf
+
+from mpt_train.errors import ConfigError
+from mpt_train.model import AttentionConfig, InitConfig, MPTConfig, build_model
+from tests.model.conftest import TINY, tiny_config
+
+BAD_MODEL_FIELDS = [
+    ({"norm_type": "batchnorm"}, "norm_type", "rmsnorm"),
+    ({"init_device": "gpu"}, "init_device", "meta"),
+    ({"n_heads": 5}, "n_heads", "divisible"),
+    ({"d_model": 0}, "d_model", ">= 1"),
+    ({"embedding_fraction": 0.0}, "embedding_fraction", "(0, 1]"),
+    ({"embedding_fraction": 1.5}, "embedding_fraction", "(0, 1]"),
+    ({"logit_scale": -1.0}, "logit_scale", "> 0"),
+    ({"emb_pdrop": 1.0}, "emb_pdrop", "[0, 1)"),
+    ({"resid_pdrop": -0.1}, "resid_pdrop", "[0, 1)"),
+    ({"norm_eps": 0.0}, "norm_eps", "> 0"),
+]
+
+
+@pytest.mark.parametrize(("fields", "key", "hint"), BAD_MODEL_FIELDS)
+def test_bad_model_field_names_key_and_allowed_values(fields, key, hint) -> None:
+    with pytest.raises(ConfigError) as info:
+        tiny_config(**fields)
+    assert info.value.key == key
+    assert hint in str(info.value)
+
+
+BAD_ATTN_FIELDS = [
+    ({"impl": "triton"}, "impl", "torch, sdpa, flex, flash"),
+    ({"alibi_bias_max": 0}, "alibi_bias_max", "> 0"),
+    ({"clip_qkv": 0.0}, "clip_qkv", "> 0"),
+    ({"softmax_scale": -1.0}, "softmax_scale", "> 0"),
+    ({"kv_n_heads": 0}, "kv_n_heads", ">= 1"),
+    ({"attn_pdrop": 1.5}, "attn_pdrop", "[0, 1)"),
+    ({"impl": "flex", "attn_pdrop": 0.1}, "attn_pdrop", "flex"),
+    (
+        {"impl": "flash", "attn_uses_sequence_id": True},
+        "attn_uses_sequence_id",
+        "torch, sdpa, flex",
+    ),
+]
+
+
+@pytest.mark.parametrize(("fields", "key", "hint"), BAD_ATTN_FIELDS)
+def test_bad_attention_field(fields, key, hint) -> None:
+    with pytest.raises(ConfigError) as info:
+        AttentionConfig(**fields)
+    assert info.value.key == key
+    assert hint in str(info.value)
+
+
+def test_nested_dict_errors_carry_the_section_path() -> None:
+    with pytest.raises(ConfigError) as info:
+        MPTConfig(**TINY, attn_config={"impl": "xformers"})
+    assert info.value.key == "attn_config.impl"
+    with pytest.raises(ConfigError) as info:
+        MPTConfig(**TINY, init_config={"name": "xavier"})
+    assert info.value.key == "init_config.name"
+
+
+def test_cross_field_checks() -> None:
+    with pytest.raises(ConfigError) as info:
+        tiny_config(attn={"alibi": True}, learned_pos_emb=True)
+    assert info.value.key == "learned_pos_emb"
+    with pytest.raises(ConfigError) as info:
+        tiny_config(attn={"kv_n_heads": 3})  # 4 heads
+    assert info.value.key == "attn_config.kv_n_heads"
+    assert "[1, 2, 4]" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        InitConfig(name="normal")
+    assert info.value.key == "init_std"
+
+
+def test_omegaconf_structured_round_trip() -> None:
+    """The run-spec loader merges YAML into the structured schema and builds the dataclass."""
+    schema = OmegaConf.structured(MPTConfig)
+    yaml_cfg = OmegaConf.create(
+        {**TINY, "attn_config": {"impl": "torch", "kv_n_heads": 2, "clip_qkv": 6.0}}
+    )
+    cfg = OmegaConf.to_object(OmegaConf.merge(schema, yaml_cfg))
+    assert isinstance(cfg, MPTConfig) and isinstance(cfg.attn_config, AttentionConfig)
+    assert (cfg.kv_n_heads, cfg.attn_config.clip_qkv, cfg.head_dim) == (2, 6.0, 16)
+    bad = OmegaConf.create({**TINY, "attn_config": {"impl": "nope"}})
+    with pytest.raises(ConfigError, match="impl"):
+        OmegaConf.to_object(OmegaConf.merge(schema, bad))
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here"
+)
+def test_flash_without_flash_attn_fails_at_build() -> None:
+    cfg = tiny_config(attn={"impl": "flash"})  # the config itself is valid
+    with pytest.raises(ConfigError) as info:
+        build_model(cfg)
+    assert info.value.key == "attn_config.impl"
+    assert "flash-attn" in str(info.value) and "torch, sdpa, flex" in str(info.value)
