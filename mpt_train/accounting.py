@@ -25,9 +25,13 @@ that activation checkpointing recomputes: 4x forward, so ``HFU = MFU * 4 / 3``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from mpt_train.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mpt_train.model import MPTConfig, MPTModel
 
 __all__ = [
     "GPU_TYPES",
@@ -38,6 +42,7 @@ __all__ = [
     "get_gpu",
     "hfu_from_mfu",
     "price_per_gpu_hour",
+    "shape_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -135,13 +140,21 @@ def duration_tokens(
     )
 
 
-def flops_per_token(model_cfg: object, seq_len: int) -> float:
-    """Training FLOPs per token of ``model_cfg`` at ``seq_len``, from the model's own formula.
+def shape_model(model_cfg: MPTConfig) -> MPTModel:
+    """The model on the meta device: parameter shapes only, no memory (70B in a second).
 
-    The model is built on the meta device (no memory, a 70B model in a second), so the figure is
-    exactly what the model reports to Composer for MFU during training.
+    Built with the reference attention kernel: the kernel does not change parameters or FLOPs,
+    and planning must work where the run's kernel (flash-attn, a GPU) is not available.
     """
     from mpt_train.model import build_model
 
-    model = build_model(model_cfg, device="meta")  # type: ignore[arg-type]
-    return float(model.flops_per_batch(1, seq_len)) / seq_len
+    cfg = replace(model_cfg, attn_config=replace(model_cfg.attn_config, impl="torch"))
+    return build_model(cfg, device="meta")
+
+
+def flops_per_token(model_cfg: MPTConfig, seq_len: int) -> float:
+    """Training FLOPs per token of ``model_cfg`` at ``seq_len``, from the model's own formula.
+
+    The same formula the model reports to Composer for MFU during training.
+    """
+    return float(shape_model(model_cfg).flops_per_batch(1, seq_len)) / seq_len

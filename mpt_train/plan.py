@@ -27,6 +27,7 @@ from mpt_train.accounting import (
     flops_per_token,
     get_gpu,
     price_per_gpu_hour,
+    shape_model,
 )
 from mpt_train.config import RunConfig, load_config
 from mpt_train.errors import ConfigError
@@ -121,9 +122,7 @@ def make_plan(
     seq_len = cfg.train_loader.dataset.max_seq_len
     tokens = duration_tokens(cfg.max_duration, cfg.global_train_batch_size, seq_len)
     fpt = flops_per_token(cfg.model, seq_len)
-    from mpt_train.model import build_model
-
-    params = build_model(cfg.model, device="meta").num_params()
+    params = shape_model(cfg.model).num_params()
     flops = fpt * tokens
     cluster_flops = gpus * spec.peak_flops * mfu
     seconds = flops / cluster_flops

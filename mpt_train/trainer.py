@@ -24,6 +24,7 @@ from composer.loggers import Logger, LoggerDestination, WandBLogger
 from composer.utils import dist, reproducibility
 from composer.utils.parallelism import FSDP2Config
 
+from mpt_train.callbacks import CostMonitor
 from mpt_train.composer_model import ComposerMPT
 from mpt_train.config import RunConfig, redact, to_container
 from mpt_train.config.validate import device_train_batch_size, validate_run
@@ -142,7 +143,9 @@ def _loggers(cfg: RunConfig, run_name: str) -> list[LoggerDestination]:
     return out
 
 
-def _callbacks(cfg: RunConfig, spec: dict[str, Any], run_dir: Path) -> list[Callback]:
+def _callbacks(
+    cfg: RunConfig, spec: dict[str, Any], run_dir: Path, parallelism: dict[str, Any] | None
+) -> list[Callback]:
     cc = cfg.callbacks
     out: list[Callback] = [RunSpecRecorder(spec, run_dir)]
     if cc.speed_monitor is not None:
@@ -158,6 +161,20 @@ def _callbacks(cfg: RunConfig, spec: dict[str, Any], run_dir: Path) -> list[Call
         out.append(MemoryMonitor())
     if cc.runtime_estimator:
         out.append(RuntimeEstimator(time_unit="seconds"))
+    if cc.cost_monitor is not None:
+        out.append(
+            CostMonitor(
+                gpu_type=cfg.cost.gpu_type,
+                price_per_gpu_hour=cfg.cost.price_per_gpu_hour,
+                peak_flops=cc.speed_monitor.gpu_flops_available if cc.speed_monitor else None,
+                # activation checkpointing is applied through FSDP2 only
+                activation_checkpointing=bool(
+                    parallelism and cfg.fsdp and cfg.fsdp.activation_checkpointing
+                ),
+                log_interval=cc.cost_monitor.log_interval,
+                ledger_path=str(run_dir / "cost_ledger.json") if cc.cost_monitor.ledger else None,
+            )
+        )
     return out
 
 
@@ -228,7 +245,7 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
             )
         )
     run_dir = Path("runs") / run_name
-    callbacks = _callbacks(cfg, spec, run_dir) + list(extra_callbacks or [])
+    callbacks = _callbacks(cfg, spec, run_dir, parallelism) + list(extra_callbacks or [])
     mb = (
         cfg.device_train_microbatch_size
         if cfg.device_train_microbatch_size is not None

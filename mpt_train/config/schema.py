@@ -200,8 +200,29 @@ class SpeedMonitorConfig:
 class CostConfig:
     """GPU type and price: what a run costs, for the cost monitor and ``scripts/plan.py``."""
 
+    # a100_40gb | a100_80gb | h100 | h200; None = detect from the visible GPU
     gpu_type: str | None = None
+    # None = the default of mpt_train.accounting's table for the GPU type
     price_per_gpu_hour: float | None = None
+
+    def __post_init__(self) -> None:
+        from mpt_train.accounting import GPU_TYPES
+
+        if self.gpu_type is not None:
+            check_choice("gpu_type", self.gpu_type, tuple(GPU_TYPES))
+        if self.price_per_gpu_hour is not None and self.price_per_gpu_hour < 0:
+            raise ConfigError("price_per_gpu_hour", f"got {self.price_per_gpu_hour}, expected >= 0")
+
+
+@dataclass
+class CostMonitorConfig:
+    log_interval: int = 10
+    # runs/{run_name}/cost_ledger.json: how much work restarts cost
+    ledger: bool = True
+
+    def __post_init__(self) -> None:
+        if self.log_interval < 1:
+            raise ConfigError("log_interval", f"got {self.log_interval}, expected >= 1")
 
 
 @dataclass
@@ -210,6 +231,7 @@ class CallbacksConfig:
     lr_monitor: bool = True
     memory_monitor: bool = False
     runtime_estimator: bool = True
+    cost_monitor: CostMonitorConfig | None = field(default_factory=CostMonitorConfig)
 
 
 @dataclass

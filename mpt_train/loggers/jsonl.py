@@ -72,6 +72,15 @@ class JsonlLogger(LoggerDestination):
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All rows of a metrics file, in order."""
+    """One dict per step, in order of first appearance.
+
+    Metrics logged for a step after its line was written (the final evaluation and timestamps
+    at the end of training) come as a later line with the same ``step``; they are merged here.
+    """
+    rows: dict[int, dict[str, Any]] = {}
     with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                rows.setdefault(row["step"], {}).update(row)
+    return list(rows.values())

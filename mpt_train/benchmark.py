@@ -1,0 +1,211 @@
+"""Benchmark a spec through the real trainer: one row of llm-foundry's benchmark table.
+
+``scripts/benchmark.py SPEC [a.b=c ...] [--steps 10 --warmup 3] [--json]`` builds the trainer
+exactly as ``train.py`` does (:func:`mpt_train.trainer.build_trainer`), runs a fixed number of
+steps with no eval, checkpoint or metrics file, and times the steps after the warm-up ones
+(the first steps pay for compilation, allocator growth and data start-up).
+
+MFU/HFU follow :mod:`mpt_train.accounting` (llm-foundry's convention). On CPU there is no
+meaningful peak: MFU is ``n/a`` unless ``--peak-flops`` gives a nominal one. Peak memory is
+CUDA's max allocated on GPU, the process's max resident set on CPU (labelled so).
+Multi-GPU: ``composer -n 8 scripts/benchmark.py SPEC``; rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+
+from mpt_train.accounting import detect_gpu_type, get_gpu, hfu_from_mfu, shape_model
+from mpt_train.config import ConfigError, RunConfig, load_config
+
+__all__ = ["BenchmarkRow", "StepTimer", "format_row", "main", "run_benchmark"]
+
+log = logging.getLogger(__name__)
+
+
+class StepTimer(Callback):
+    """Records (time, tokens, model FLOPs of all ranks) at the end of every batch."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[float, int, float]] = []
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        flops_fn = getattr(state.model, "flops_per_batch", None)
+        flops = float(flops_fn(state.batch)) * dist.get_world_size() if flops_fn else 0.0
+        self.marks.append((time.perf_counter(), int(state.timestamp.token), flops))
+
+
+@dataclass
+class BenchmarkRow:
+    """The columns of llm-foundry's benchmark tables (plus where peak memory came from)."""
+
+    model: str
+    params: int
+    seq_len: int
+    gpus: int
+    gpu: str
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+    mfu: float | None
+    hfu: float | None
+    tokens_per_sec: float
+    tokens_per_sec_per_gpu: float
+    peak_memory_gb: float
+    memory_kind: str
+    precision: str
+    sharding: str
+    activation_checkpointing: bool
+    steps_timed: int
+
+
+COLUMNS = (
+    ("Model", "model"), ("SeqLen (T)", "seq_len"), ("# GPUs", "gpus"), ("GPU", "gpu"),
+    ("MFU", "mfu"), ("HFU", "hfu"), ("MicroBatchSize", "micro_batch"),
+    ("GradAccum", "grad_accum"), ("GlobalBatchSize", "global_batch"),
+    ("Throughput (T/s)", "tokens_per_sec"), ("Throughput (T/s/GPU)", "tokens_per_sec_per_gpu"),
+    ("Peak Mem (GB)", "peak_memory_gb"), ("Precision", "precision"),
+    ("Sharding Strategy", "sharding"), ("Activation Checkpointing", "activation_checkpointing"),
+    ("NumParams", "params"),
+)  # fmt: skip
+
+
+def format_row(row: BenchmarkRow, header: bool = True) -> str:
+    """A markdown row in llm-foundry's benchmark-table layout (MFU/HFU in percent)."""
+
+    def cell(key: str) -> str:
+        v = getattr(row, key)
+        if key in ("mfu", "hfu"):
+            return "n/a" if v is None else f"{100 * v:.2f}"
+        if key == "peak_memory_gb":
+            return f"{v:.2f} ({row.memory_kind})"
+        if isinstance(v, float):
+            return f"{v:.0f}"
+        return str(v)
+
+    line = "| " + " | ".join(cell(k) for _, k in COLUMNS) + " |"
+    if not header:
+        return line
+    names = "| " + " | ".join(n for n, _ in COLUMNS) + " |"
+    return "\n".join([names, "|" + " --- |" * len(COLUMNS), line])
+
+
+def _peak_memory() -> tuple[float, str]:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9, "cuda"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, "cpu rss"  # KiB on Linux
+
+
+def run_benchmark(
+    cfg: RunConfig,
+    *,
+    steps: int = 10,
+    warmup: int = 3,
+    peak_flops: float | None = None,
+    gpu_type: str | None = None,
+    name: str = "",
+) -> BenchmarkRow:
+    """Run ``steps`` steps of ``cfg`` through the real trainer and measure the last ones."""
+    from dataclasses import replace
+
+    from mpt_train.trainer import build_trainer
+
+    if steps <= warmup:
+        raise ConfigError("steps", f"got {steps}, must exceed warmup ({warmup})")
+    cfg = replace(
+        cfg,
+        max_duration=f"{steps}ba",
+        eval_loader=None,
+        eval_loaders={},
+        eval_subset_num_batches=-1,
+        save_folder=None,
+        autoresume=False,
+        load_path=None,
+        loggers=replace(cfg.loggers, jsonl=None, wandb=None, console=False),
+    )
+    timer = StepTimer()
+    trainer = build_trainer(cfg, extra_callbacks=[timer])
+    try:
+        trainer.fit()
+        state = trainer.state
+        world = dist.get_world_size()
+        precision = str(state.precision.value)
+    finally:
+        trainer.close()
+    (t0, tok0, _), (t1, tok1, _) = timer.marks[warmup - 1], timer.marks[-1]
+    dt = t1 - t0
+    flops = sum(f for _, _, f in timer.marks[warmup:])
+    gpu_type = gpu_type or detect_gpu_type()
+    if peak_flops is None and gpu_type is not None:
+        peak_flops = get_gpu(gpu_type).peak_flops
+    ac = bool(cfg.fsdp and cfg.fsdp.activation_checkpointing and world > 1)
+    mfu = flops / dt / world / peak_flops if peak_flops and flops else None
+    per_rank = cfg.global_train_batch_size // world
+    micro = cfg.device_train_microbatch_size
+    micro = per_rank if not isinstance(micro, int) else micro
+    mem, kind = _peak_memory()
+    sharding = cfg.fsdp.sharding_strategy if cfg.fsdp is not None and world > 1 else "none"
+    return BenchmarkRow(
+        model=name or cfg.run_name or "mpt",
+        params=shape_model(cfg.model).num_params(),  # unsharded count
+        seq_len=cfg.train_loader.dataset.max_seq_len,
+        gpus=world,
+        gpu=gpu_type or ("cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()),
+        micro_batch=micro,
+        grad_accum=-(-per_rank // micro),
+        global_batch=cfg.global_train_batch_size,
+        mfu=mfu,
+        hfu=hfu_from_mfu(mfu, ac) if mfu is not None else None,
+        tokens_per_sec=(tok1 - tok0) / dt,
+        tokens_per_sec_per_gpu=(tok1 - tok0) / dt / world,
+        peak_memory_gb=mem,
+        memory_kind=kind,
+        precision=precision,
+        sharding=sharding,
+        activation_checkpointing=ac,
+        steps_timed=len(timer.marks) - warmup,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n")[0])
+    parser.add_argument("spec", help="run spec YAML")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides such as model.n_layers=4")
+    parser.add_argument("--steps", type=int, default=10, help="steps to run in all")
+    parser.add_argument("--warmup", type=int, default=3, help="first steps left out of timing")
+    parser.add_argument("--peak-flops", type=float, default=None, help="per-device peak FLOP/s")
+    parser.add_argument("--gpu", default=None, help="GPU type for the peak (default: detected)")
+    parser.add_argument("--json", action="store_true", help="one JSON object")
+    args = parser.parse_args(argv)
+    from mpt_train.cli import setup_logging
+
+    setup_logging()
+    try:
+        cfg = load_config(args.spec, args.overrides)
+        row = run_benchmark(
+            cfg, steps=args.steps, warmup=args.warmup, peak_flops=args.peak_flops,
+            gpu_type=args.gpu, name=Path(args.spec).stem,
+        )  # fmt: skip
+    except ConfigError as e:
+        print(f"error in run spec {args.spec}: {e}", file=sys.stderr)
+        return 2
+    if dist.get_global_rank() == 0:
+        out: Any = json.dumps(asdict(row)) if args.json else format_row(row)
+        print(out, flush=True)
+    return 0

@@ -1,0 +1,114 @@
+"""The planner reproduces MPT-7B's published 9.5 days and ~$200k, and its arithmetic holds."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mpt_train.accounting import duration_tokens, get_gpu, price_per_gpu_hour
+from mpt_train.config import ConfigError, load_config, load_config_dict
+from mpt_train.plan import MPT_7B_PUBLISHED, PUBLISHED_MFU, implied_mfu, main, make_plan
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC_7B_1T = ROOT / "yamls" / "mpt-7b-1t.yaml"
+
+# MPT-7B's published shape (d_model 4096, 32 heads, 32 layers, vocab 50432, seq 2048).
+MPT_7B = {
+    "max_duration": "1000000000000tok",
+    "global_train_batch_size": 1760,
+    "model": {"d_model": 4096, "n_heads": 32, "n_layers": 32, "max_seq_len": 2048},
+    "train_loader": {"dataset": {"local": "/unused", "max_seq_len": 2048}},
+}
+
+
+def _needs_model_yamls() -> None:
+    if not (ROOT / "yamls" / "models" / "mpt-7b.yaml").is_file():
+        pytest.skip("yamls/models/mpt-7b.yaml is not written yet")
+
+
+def test_published_mfu_is_what_mpt7b_implies() -> None:
+    plan = make_plan(load_config_dict(MPT_7B), gpus=440, gpu="a100_40gb")
+    assert plan.params == 6_649_286_656
+    assert plan.flops == pytest.approx(4.3117e22, rel=1e-3)
+    assert implied_mfu(plan.flops, MPT_7B_PUBLISHED) == pytest.approx(PUBLISHED_MFU, rel=5e-3)
+
+
+def test_plan_of_the_mpt7b_spec_reproduces_published_time_and_cost() -> None:
+    _needs_model_yamls()
+    cfg = load_config(SPEC_7B_1T)
+    plan = make_plan(cfg, gpus=440, gpu="a100_40gb", price=2.0, mfu=PUBLISHED_MFU)
+    assert plan.tokens == 10**12
+    assert plan.days == pytest.approx(9.5, rel=0.10)
+    assert plan.cost_usd == pytest.approx(200_000, rel=0.10)
+    assert plan.gpu_hours == pytest.approx(440 * 24 * plan.days)
+
+
+def test_deadline_gives_the_smallest_gpu_count_that_meets_it() -> None:
+    cfg = load_config_dict(MPT_7B)
+    plan = make_plan(cfg, gpus=440, gpu="a100_40gb", deadline_days=7.0)
+    need = plan.gpus_for_deadline
+    assert need is not None and plan.nodes_for_deadline == -(-need // 8)
+    assert make_plan(cfg, gpus=need, gpu="a100_40gb").days <= 7.0
+    assert make_plan(cfg, gpus=need - 1, gpu="a100_40gb").days > 7.0
+    # GPU count changes the time, not the GPU-hours (at a fixed MFU).
+    assert make_plan(cfg, gpus=need, gpu="a100_40gb").gpu_hours == pytest.approx(plan.gpu_hours)
+
+
+def test_faster_gpu_and_defaults_from_the_table() -> None:
+    cfg = load_config_dict(MPT_7B)
+    a100 = make_plan(cfg, gpus=64, gpu="a100_40gb")
+    h100 = make_plan(cfg, gpus=64, gpu="h100")
+    assert a100.days / h100.days == pytest.approx(989 / 312)
+    assert a100.price_per_gpu_hour == get_gpu("a100_40gb").price_per_hour
+    assert price_per_gpu_hour("h100", 1.25) == 1.25
+    assert price_per_gpu_hour(None, None) is None
+
+
+def test_durations_in_batches_and_bad_inputs_name_the_key() -> None:
+    assert duration_tokens("63900ba", 1024, 2048) == 63900 * 1024 * 2048
+    assert duration_tokens("10sp", 8, 128) == 1280
+    with pytest.raises(ConfigError, match="max_duration"):
+        duration_tokens("2ep", 8, 128)
+    with pytest.raises(ConfigError, match="gpu: unknown GPU type 'v100'"):
+        make_plan(load_config_dict(MPT_7B), gpus=8, gpu="v100")
+    with pytest.raises(ConfigError, match="mfu"):
+        make_plan(load_config_dict(MPT_7B), gpus=8, gpu="h100", mfu=1.5)
+
+
+def test_cli_json_has_the_contract_fields(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import yaml
+
+    spec = tmp_path / "mpt7b.yaml"
+    spec.write_text(yaml.safe_dump(MPT_7B))
+    args = [str(spec), "--gpus", "440", "--gpu", "a100_40gb", "--price", "2", "--json"]
+    assert main([*args, "--deadline-days", "7"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"tokens", "flops", "days", "gpu_hours", "cost_usd", "gpus_for_deadline"} <= set(out)
+    assert out["days"] == pytest.approx(9.5, rel=0.10)
+    # The thin script runs the same code (one subprocess: imports torch once).
+    text = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "plan.py"), *args[:-1]],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    days = re.search(r"wall time\s+([\d.]+) days", text)
+    assert days is not None and float(days.group(1)) == pytest.approx(9.5, rel=0.10)
+    assert "$200," in text
+
+
+def test_cli_bad_spec_exits_2_with_the_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(
+        "max_duration: 2ep\nglobal_train_batch_size: 8\n"
+        "model: {d_model: 64, n_heads: 4, n_layers: 2}\n"
+        "train_loader: {dataset: {local: /x}}\n"
+    )
+    assert main([str(spec), "--gpus", "8", "--gpu", "h100"]) == 2
+    assert "max_duration" in capsys.readouterr().err

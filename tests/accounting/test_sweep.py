@@ -1,0 +1,167 @@
+"""Sweeps: resolved specs with unique names, local runs on CPU, collection, Slurm scripts."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mpt_train.config import ConfigError, load_config
+from mpt_train.sweep import load_sweep, resolve, write_slurm
+from tests.accounting.conftest import SEQ
+from tests.helpers import REPO
+
+QUICKSTART = REPO / "yamls" / "quickstart.yaml"
+
+
+def write_sweep(tmp_path: Path, data: Path | str, **extra: object) -> Path:
+    sweep = {
+        "name": "tiny",
+        "base": str(QUICKSTART),
+        "overrides": [
+            f"variables.data={data}",
+            f"variables.max_seq_len={SEQ}",
+            "model.d_model=64",
+            "model.n_layers=2",
+            "max_duration=2ba",
+            "eval_loader=null",
+            "save_folder=null",
+            "callbacks.speed_monitor.window_size=1",
+            "loggers.console_log_interval=1ba",
+        ],
+        "grid": {"optimizer.lr": [1.0e-3, 3.0e-3], "global_train_batch_size": [4, 8]},
+        **extra,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def test_points_resolve_to_loadable_specs_with_unique_names(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, "/data/x", points=[{"optimizer.lr": 0.01, "seed": 3}])
+    sweep = load_sweep(path, tmp_path / "out")
+    points = resolve(sweep)
+    assert len(points) == 5
+    assert len({p.run_name for p in points}) == 5
+    assert points[0].run_name == "tiny-00-lr0.001-global_train_batch_size4"
+    for p in points:
+        cfg = load_config(p.spec)  # the written spec stands alone
+        assert cfg.run_name == p.run_name
+        assert cfg.max_duration == "2ba"
+        for key, value in p.overrides.items():
+            node = cfg
+            for part in key.split("."):
+                node = getattr(node, part)
+            assert node == value
+    assert (tmp_path / "out" / "sweep.json").is_file()
+
+
+def test_a_bad_point_fails_before_anything_is_written(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, "/data/x", points=[{"optimizer.lr": -1.0}])
+    with pytest.raises(ConfigError, match=r"optimizer\.lr: sweep point 4"):
+        resolve(load_sweep(path, tmp_path / "out"))
+    with pytest.raises(ConfigError, match="grid"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({"name": "x", "base": str(QUICKSTART), "grid": {"a": 1}}))
+        load_sweep(bad)
+
+
+def _stub(bin_dir: Path, name: str, body: str) -> None:
+    path = bin_dir / name
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(0o755)
+
+
+def test_slurm_scripts_for_2_nodes_x_8_gpus_give_world_size_ranks_and_master(
+    tmp_path: Path,
+) -> None:
+    path = write_sweep(tmp_path, "/data/x", nodes=2, gpus=8, master_port=29511)
+    sweep = load_sweep(path, tmp_path / "out")
+    points = resolve(sweep)
+    scripts = write_slurm(sweep, points, "train.py", dry_run=True, workdir=tmp_path)
+    assert len(scripts) == 4
+    text = scripts[0].read_text()
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --gpus-per-node=8" in text
+    assert "#SBATCH --ntasks-per-node=1" in text
+
+    # Execute the script with stand-ins for Slurm and Composer: srun starts the task once per
+    # node with that node's SLURM_NODEID, as Slurm does; composer records its arguments.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    _stub(bin_dir, "scontrol", "echo gpu-node-17; echo gpu-node-18\n")
+    _stub(
+        bin_dir,
+        "srun",
+        "while [[ $1 == --* ]]; do shift; done\n"
+        'for n in $(seq 0 $((SLURM_NNODES-1))); do SLURM_NODEID=$n "$@"; done\n',
+    )
+    _stub(bin_dir, "composer", f'echo "$@" >> {calls}\n')
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "gpu-node-[17-18]",
+    }
+    subprocess.run(["bash", str(scripts[0])], env=env, check=True, timeout=30)
+    lines = calls.read_text().splitlines()
+    spec = points[0].spec
+    assert lines == [
+        f"--world_size 16 --node_rank {n} --master_addr gpu-node-17 --master_port 29511 "
+        f"-n 8 train.py {spec}"
+        for n in (0, 1)
+    ]
+
+
+def test_slurm_scripts_are_submitted_with_sbatch_when_present(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    submitted = tmp_path / "submitted.txt"
+    _stub(bin_dir, "sbatch", f'echo "$1" >> {submitted}\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    sweep = load_sweep(write_sweep(tmp_path, "/data/x", nodes=2, gpus=8), tmp_path / "out")
+    scripts = write_slurm(sweep, resolve(sweep), dry_run=False, workdir=tmp_path)
+    assert submitted.read_text().split() == [str(s) for s in scripts]
+
+
+@pytest.mark.slow
+def test_four_point_sweep_runs_locally_on_cpu_and_collects(tmp_path: Path, sweep_mds: Path) -> None:
+    path = write_sweep(tmp_path, sweep_mds)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "sweep.py"),
+        str(path),
+        "--train-script",
+        str(REPO / "train.py"),
+    ]
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("composer -n 1") == 4
+
+    run = subprocess.run(
+        [*cmd, "--collect"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "runs" / "sweeps" / "tiny"
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4
+    for row in rows:
+        assert row["status"] == "ok"
+        assert row["steps"] == "2"
+        assert 0.0 < float(row["final_loss"]) < 20.0
+        assert float(row["tokens_per_sec"]) > 0
+    # Tokens follow each point's global batch: 2 steps x batch x seq.
+    assert sorted({float(r["tokens"]) for r in rows}) == [2 * 4 * SEQ, 2 * 8 * SEQ]
+    md = (out / "results.md").read_text()
+    assert md.count("| ok |") == 4
+    png = (out / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
