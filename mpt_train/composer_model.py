@@ -4,6 +4,10 @@ The network itself (:class:`mpt_train.model.MPTModel`) stays single-device and f
 training concerns; this wrapper is what Composer's Trainer drives. The network is kept as one
 child (``self.model``) because Composer's FSDP2 shards the direct children of the
 ComposerModel; blocks are picked inside it by ``fsdp_wrap_fn`` (set in the trainer).
+
+Training computes the loss inside the network's forward (``targets=``), optionally in chunks,
+and by default no per-step train metrics: ``loss/train/total`` is already the cross-entropy, and
+a train metric would run a second softmax over the full logits and an all-reduce every step.
 """
 
 from __future__ import annotations
@@ -11,16 +15,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 from torchmetrics import Metric
 
 from mpt_train.model import MPTModel
+from mpt_train.model.loss import IGNORE_INDEX
 
 __all__ = ["IGNORE_INDEX", "ComposerMPT", "shift_labels"]
-
-IGNORE_INDEX = -100
 
 
 def shift_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -36,32 +38,58 @@ def shift_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 class ComposerMPT(ComposerModel):
-    """Wraps an :class:`MPTModel` for Composer's Trainer."""
+    """Wraps an :class:`MPTModel` for Composer's Trainer.
 
-    def __init__(self, model: MPTModel) -> None:
+    Args:
+        model: the network.
+        loss_chunk_tokens: 0 computes the loss from full logits; N > 0 computes head and
+            cross-entropy N tokens at a time (activation memory of one chunk's logits only).
+        train_metrics: also compute ``metrics/train/LanguageCrossEntropy`` every step.
+    """
+
+    def __init__(
+        self, model: MPTModel, loss_chunk_tokens: int = 0, train_metrics: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.use_sequence_id = model.cfg.attn_config.attn_uses_sequence_id
-        self.train_metrics = {
-            "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX)
-        }
+        self.train_metrics = (
+            {"LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX)}
+            if train_metrics
+            else {}
+        )
         self.eval_metrics = {
             "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
             "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
         }
 
+    def _sequence_id(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        return batch.get("sequence_id") if self.use_sequence_id else None
+
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        sequence_id = batch.get("sequence_id") if self.use_sequence_id else None
-        return self.model(batch["input_ids"], sequence_id=sequence_id)
+        """Training forward: the mean next-token loss (logits when train metrics need them)."""
+        if self.train_metrics:
+            return self.model(batch["input_ids"], sequence_id=self._sequence_id(batch))
+        return self.model(
+            batch["input_ids"],
+            sequence_id=self._sequence_id(batch),
+            targets=shift_labels(batch),
+            loss_chunk_tokens=self.loss_chunk_tokens,
+        )
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, Any], *args, **kwargs) -> torch.Tensor:
+        if outputs.ndim == 0:
+            return outputs
         targets = shift_labels(batch)
-        return F.cross_entropy(
+        return torch.nn.functional.cross_entropy(
             outputs.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
         )
 
     def eval_forward(self, batch: dict[str, Any], outputs: Any | None = None) -> torch.Tensor:
-        return outputs if outputs is not None else self.forward(batch)
+        if outputs is not None and outputs.ndim == 3:
+            return outputs
+        return self.model(batch["input_ids"], sequence_id=self._sequence_id(batch))
 
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
         return self.train_metrics if is_train else self.eval_metrics

@@ -217,9 +217,14 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
     if cfg.compile.enabled:
         for block in model.blocks:
             block.compile(
-                mode=cfg.compile.mode, dynamic=cfg.compile.dynamic, fullgraph=cfg.compile.fullgraph
+                backend=cfg.compile.backend,
+                mode=cfg.compile.mode,
+                dynamic=cfg.compile.dynamic,
+                fullgraph=cfg.compile.fullgraph,
             )
-    composer_model = ComposerMPT(model)
+    composer_model = ComposerMPT(
+        model, loss_chunk_tokens=cfg.loss.chunk_tokens, train_metrics=cfg.loss.train_metrics
+    )
 
     seq_id = model_cfg.attn_config.attn_uses_sequence_id
     train_dl = _dataloader(cfg.train_loader, tokenizer, per_rank, seq_id)

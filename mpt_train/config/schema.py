@@ -24,6 +24,7 @@ __all__ = [
     "GradientClippingConfig",
     "JsonlLoggerConfig",
     "LoggersConfig",
+    "LossConfig",
     "OptimizerConfig",
     "RunConfig",
     "SchedulerConfig",
@@ -153,10 +154,29 @@ class FSDPConfig:
 
 
 @dataclass
+class LossConfig:
+    """How the training loss is computed (numerically the same either way)."""
+
+    # 0: from full logits. N > 0: head + cross-entropy N tokens at a time, recomputed in
+    # backward, so a [B, S, vocab] fp32 logits tensor never exists (saves GBs at large vocab).
+    chunk_tokens: int = 0
+    # Also log metrics/train/LanguageCrossEntropy: a second softmax and an all-reduce per step.
+    train_metrics: bool = False
+
+    def __post_init__(self) -> None:
+        if self.chunk_tokens < 0:
+            raise ConfigError(
+                "chunk_tokens", f"got {self.chunk_tokens}, expected 0 or a positive int"
+            )
+
+
+@dataclass
 class CompileConfig:
     """Per-block ``torch.compile`` (whole-model compile recompiles too often under FSDP)."""
 
     enabled: bool = False
+    # torch.compile backend: inductor (GPU), aot_eager (numerics checks without codegen), ...
+    backend: str = "inductor"
     mode: str | None = None
     dynamic: bool = False
     fullgraph: bool = False
@@ -262,6 +282,7 @@ class RunConfig:
     precision: str = "auto"
     fsdp: FSDPConfig | None = field(default_factory=FSDPConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     save_folder: str | None = None
     save_interval: str = "1000ba"
     save_num_checkpoints_to_keep: int = -1

@@ -19,6 +19,7 @@ from mpt_train.model.alibi import alibi_slopes
 from mpt_train.model.attention import KVCache
 from mpt_train.model.block import MPTBlock
 from mpt_train.model.config import MPTConfig
+from mpt_train.model.loss import lm_loss
 from mpt_train.model.norm import build_norm
 
 __all__ = ["MPTModel"]
@@ -64,8 +65,15 @@ class MPTModel(nn.Module):
         sequence_id: torch.Tensor | None = None,
         past_key_values: list[KVCache] | None = None,
         use_cache: bool = False,
+        targets: torch.Tensor | None = None,
+        loss_chunk_tokens: int = 0,
     ) -> torch.Tensor | tuple[torch.Tensor, list[KVCache]]:
         """Logits ``[B,S,V]``, plus the per-layer KV cache when ``use_cache``.
+
+        With ``targets`` ``[B,S]`` (the next token per position, ``-100`` for none) it returns
+        the mean cross-entropy instead, computed in chunks of ``loss_chunk_tokens`` so the full
+        logits never exist (:func:`mpt_train.model.loss.lm_loss`). The loss is computed inside
+        ``forward`` so that a sharding wrapper has the tied head's weight gathered.
 
         ``sequence_id`` ``[B,S]`` marks packed documents; it is used (tokens never attend across
         documents) when ``attn_config.attn_uses_sequence_id`` is set, and ignored otherwise.
@@ -106,6 +114,8 @@ class MPTModel(nn.Module):
                 new_cache.append(kv)
         x_BSM = self.norm_f(x_BSM)
 
+        if targets is not None:
+            return lm_loss(x_BSM, self.wte.weight, targets, self.cfg.logit_scale, loss_chunk_tokens)
         logits_BSV = F.linear(x_BSM, self.wte.weight.to(x_BSM.dtype))
         if self.cfg.logit_scale is not None:
             logits_BSV = logits_BSV * self.cfg.logit_scale
