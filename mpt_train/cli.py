@@ -1,6 +1,8 @@
 """``composer train.py SPEC [a.b=c ...]`` and ``python train.py SPEC``: parse, check, train.
 
-A bad spec ends with one line naming the key to fix and exit status 2, never a traceback.
+A bad spec ends with one line naming the key to fix and exit status 2, never a traceback; a
+run stopped by a known failure (corrupt checkpoint, unreachable bucket, loss guard) ends with
+one line naming the path, URL or step, and exit status 1.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from mpt_train.errors import ConfigError
+from mpt_train.errors import ConfigError, RunFailure
 
 __all__ = ["main", "setup_logging"]
 
@@ -56,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error in run spec {args.spec}: {e}", file=sys.stderr)
         return 2
+    except RunFailure as e:
+        print(f"run failed: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -6,7 +6,7 @@ offending key (``train_loader.dataset.max_seq_len``), the bad value and what was
 
 from __future__ import annotations
 
-__all__ = ["ConfigError"]
+__all__ = ["ConfigError", "RunFailure"]
 
 
 class ConfigError(ValueError):
@@ -23,3 +23,11 @@ class ConfigError(ValueError):
             return self
         key = f"{prefix}.{self.key}" if self.key else prefix
         return ConfigError(key, self.msg)
+
+
+class RunFailure(RuntimeError):
+    """A run stopped for a reason the message states in full (the path, URL or step).
+
+    The command line prints it as one line instead of a traceback: the operator needs the
+    checkpoint that is corrupt or the bucket that is unreachable, not Composer's call stack.
+    """

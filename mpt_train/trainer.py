@@ -30,10 +30,13 @@ from mpt_train.config import RunConfig, redact, to_container
 from mpt_train.config.validate import device_train_batch_size, validate_run
 from mpt_train.data import build_text_dataloader, load_tokenizer
 from mpt_train.data.config import TextLoaderConfig
+from mpt_train.data.finetune import FinetuneLoaderConfig, build_finetune_dataloader
 from mpt_train.errors import ConfigError
+from mpt_train.eval.callback import ICLEvalCallback
 from mpt_train.loggers import ConsoleLine, JsonlLogger
 from mpt_train.model import MPTBlock, build_model, init_weights
 from mpt_train.optim import build_optimizer, build_scheduler
+from mpt_train.reliability import check_load_path_trusted, prepare_resume, reliability_callbacks
 
 __all__ = ["RunSpecRecorder", "build_trainer", "resolve_run_name", "train"]
 
@@ -120,6 +123,15 @@ def _dataloader(
     return DataSpec(dl, get_num_tokens_in_batch=lambda b: int(b["input_ids"].numel()))
 
 
+def _finetune_dataloader(loader: FinetuneLoaderConfig, tokenizer: Any, batch_size: int) -> DataSpec:
+    try:
+        dl = build_finetune_dataloader(loader, tokenizer, batch_size)
+    except ConfigError as err:
+        raise err.with_prefix("finetune_loader") from None
+    # Real tokens only: padding (sequence_id -1) is not data, as llm-foundry counts.
+    return DataSpec(dl, get_num_tokens_in_batch=lambda b: int((b["sequence_id"] >= 0).sum()))
+
+
 def _loggers(cfg: RunConfig, run_name: str) -> list[LoggerDestination]:
     lc = cfg.loggers
     out: list[LoggerDestination] = []
@@ -197,6 +209,11 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
     if autoresume and not (cfg.save_folder and fixed_name):
         raise ConfigError("autoresume", "needs save_folder and a fixed run_name (or $RUN_NAME)")
 
+    rel = cfg.reliability
+    check_load_path_trusted(cfg.load_path, cfg.save_folder, run_name, rel.trust_checkpoint)
+    if autoresume and rel.checkpoint_manifest and cfg.save_folder:
+        prepare_resume(cfg.save_folder, run_name, rel.on_corrupt_checkpoint)
+
     spec = redact(to_container(cfg))
     log.info("run %s on %d rank(s), %s, %s", run_name, world, device, precision)
     log.debug("resolved spec:\n%s", yaml.safe_dump(spec, sort_keys=False))
@@ -227,7 +244,10 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
     )
 
     seq_id = model_cfg.attn_config.attn_uses_sequence_id
-    train_dl = _dataloader(cfg.train_loader, tokenizer, per_rank, seq_id)
+    if cfg.finetune_loader is not None:
+        train_dl = _finetune_dataloader(cfg.finetune_loader, tokenizer, per_rank)
+    else:
+        train_dl = _dataloader(cfg.train_loader, tokenizer, per_rank, seq_id)
     eval_loaders = dict(cfg.eval_loaders)
     if cfg.eval_loader is not None:
         eval_loaders = {"eval": cfg.eval_loader, **eval_loaders}
@@ -250,7 +270,11 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
             )
         )
     run_dir = Path("runs") / run_name
-    callbacks = _callbacks(cfg, spec, run_dir, parallelism) + list(extra_callbacks or [])
+    callbacks = _callbacks(cfg, spec, run_dir, parallelism)
+    callbacks += reliability_callbacks(rel, cfg.save_folder, run_dir)
+    if cfg.icl_tasks:
+        callbacks.append(ICLEvalCallback(cfg.icl_tasks, tokenizer, cfg.eval_interval))
+    callbacks += list(extra_callbacks or [])
     mb = (
         cfg.device_train_microbatch_size
         if cfg.device_train_microbatch_size is not None

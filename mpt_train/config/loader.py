@@ -158,6 +158,9 @@ def _check_keys(node: Any, cls: type, path: str) -> None:
         value = node[key] if not OmegaConf.is_missing(node, key) else None
         sub = _dataclass_of(hints[key])
         if sub is not None:
+            if value is not None and not isinstance(value, DictConfig):
+                what = "a list" if isinstance(value, ListConfig) else repr(value)
+                raise ConfigError(dotted, f"expected a section (a mapping of keys), got {what}")
             _check_keys(value, sub, dotted)
             continue
         kind, elem = _container_of(hints[key])

@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mpt_train.data.config import TextLoaderConfig
+from mpt_train.data.finetune import FinetuneLoaderConfig
 from mpt_train.errors import ConfigError
+from mpt_train.eval.icl import ICLTaskConfig
 from mpt_train.model.config import MPTConfig
+from mpt_train.reliability.config import ReliabilityConfig
 
 __all__ = [
     "CallbacksConfig",
@@ -259,9 +262,13 @@ class RunConfig:
     """A whole run spec. ``variables`` holds free values for ``${variables.x}``."""
 
     model: MPTConfig
-    train_loader: TextLoaderConfig
     max_duration: str
     global_train_batch_size: int
+    # Pretraining data; or ``finetune_loader`` (instruction/chat JSONL), exactly one of them.
+    train_loader: TextLoaderConfig | None = None
+    finetune_loader: FinetuneLoaderConfig | None = None
+    # In-context-learning tasks run at eval_interval (logged as icl/<label>/accuracy).
+    icl_tasks: list[ICLTaskConfig] = field(default_factory=list)
     variables: dict[str, Any] = field(default_factory=dict)
     run_name: str | None = None
     seed: int = 17
@@ -296,10 +303,15 @@ class RunConfig:
     loggers: LoggersConfig = field(default_factory=LoggersConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     cost: CostConfig = field(default_factory=CostConfig)
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
     progress_bar: bool = False
 
     def __post_init__(self) -> None:
         check_time("max_duration", self.max_duration, ("ba", "tok", "ep", "sp"))
+        if self.train_loader is None and self.finetune_loader is None:
+            raise ConfigError("train_loader", "required, but not set (or set finetune_loader)")
+        if self.train_loader is not None and self.finetune_loader is not None:
+            raise ConfigError("finetune_loader", "give train_loader or finetune_loader, not both")
         check_time("eval_interval", self.eval_interval, ("ba", "tok", "ep", "sp", "dur"))
         check_time("save_interval", self.save_interval, ("ba", "tok", "ep", "sp", "dur"))
         check_choice("device", self.device, ("auto", "cpu", "gpu"))

@@ -43,7 +43,10 @@ def validate_run(cfg: RunConfig, world_size: int, *, probe_storage: bool = True)
             f"{mb} must divide the per-rank batch {per_rank} "
             f"(global_train_batch_size {cfg.global_train_batch_size} / {world_size} ranks)",
         )
-    _check_loader("train_loader", cfg.train_loader, cfg, training=True)
+    if cfg.train_loader is not None:
+        _check_loader("train_loader", cfg.train_loader, cfg, training=True)
+    if cfg.finetune_loader is not None:
+        _check_finetune(cfg)
     loaders = dict(cfg.eval_loaders)
     if cfg.eval_loader is not None:
         _check_loader("eval_loader", cfg.eval_loader, cfg, training=False)
@@ -74,6 +77,23 @@ def _check_loader(key: str, loader: TextLoaderConfig, cfg: RunConfig, training: 
             )
     else:
         _check_source(f"{key}.dataset", ds.remote, ds.local, ds.split)
+
+
+def _check_finetune(cfg: RunConfig) -> None:
+    ds = cfg.finetune_loader.dataset
+    if ds.max_seq_len > cfg.model.max_seq_len:
+        raise ConfigError(
+            "finetune_loader.dataset.max_seq_len",
+            f"{ds.max_seq_len} is above the model's max_seq_len {cfg.model.max_seq_len}",
+        )
+    if ds.packing and not cfg.model.attn_config.attn_uses_sequence_id:
+        raise ConfigError(
+            "finetune_loader.dataset.packing",
+            "packed examples would attend to each other: set "
+            "model.attn_config.attn_uses_sequence_id=true or packing=false",
+        )
+    if not Path(ds.path).is_file():
+        raise ConfigError("finetune_loader.dataset.path", f"JSONL file not found: {ds.path}")
 
 
 def _check_source(key: str, remote: str | None, local: str | None, split: str | None) -> None:

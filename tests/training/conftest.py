@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -63,16 +66,37 @@ def run(
     timeout: int = 300,
     check: bool = True,
 ) -> subprocess.CompletedProcess:
-    """Run a training command as a user would, from ``cwd``, with the repo importable."""
+    """Run a training command as a user would, from ``cwd``, with the repo importable.
+
+    Output goes to files, not pipes, and the command gets its own process group that is killed
+    afterwards: a SIGKILLed rank leaves orphans (checkpoint upload workers) that would otherwise
+    hold a pipe open, or outlive the test.
+    """
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", **(env or {})}
-    proc = subprocess.run(
-        cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{cmd} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=full_env, stdout=out, stderr=err, start_new_session=True
         )
-    return proc
+        try:
+            returncode = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(
+            cmd,
+            proc.returncode,
+            out.read().decode(errors="replace"),
+            err.read().decode(errors="replace"),
+        )
+    if returncode is None or (check and returncode != 0):
+        why = f"timed out after {timeout} s" if returncode is None else f"exited {returncode}"
+        raise AssertionError(f"{cmd} {why}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
 
 
 def composer_cmd(nproc: int) -> list[str]:

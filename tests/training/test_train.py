@@ -132,7 +132,7 @@ def test_two_process_fsdp_with_s3_checkpoints_resumes(
         tmp_path / "cut.yaml",
         {**spec, "run_name": "s3cut", "save_folder": f"s3://{bucket}/ckpt/{{run_name}}"},
     )
-    env = s3_server.env()
+    env = s3_server.env
     run([*composer_cmd(2), str(REPO / "train.py"), str(ref)], cwd=tmp_path, env=env)
     killed = run(
         [

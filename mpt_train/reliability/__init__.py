@@ -1,0 +1,55 @@
+"""Surviving failures: checkpoint integrity and trust, loss guards (README: Reliability)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mpt_train.reliability.checkpoints import (
+    CheckpointIntegrity,
+    CheckpointSaveError,
+    CheckpointUploadError,
+    prepare_resume,
+)
+from mpt_train.reliability.config import LossGuardConfig, ReliabilityConfig
+from mpt_train.reliability.guards import LossGuard, LossGuardStop
+from mpt_train.reliability.manifest import CheckpointCorruptError
+from mpt_train.reliability.trust import (
+    UntrustedCheckpointError,
+    check_load_path_trusted,
+    load_weights_safely,
+)
+
+if TYPE_CHECKING:
+    from composer.core import Callback
+
+__all__ = [
+    "CheckpointCorruptError",
+    "CheckpointIntegrity",
+    "CheckpointSaveError",
+    "CheckpointUploadError",
+    "LossGuard",
+    "LossGuardConfig",
+    "LossGuardStop",
+    "ReliabilityConfig",
+    "UntrustedCheckpointError",
+    "check_load_path_trusted",
+    "load_weights_safely",
+    "prepare_resume",
+    "reliability_callbacks",
+]
+
+
+def reliability_callbacks(
+    cfg: ReliabilityConfig, save_folder: str | None, run_dir: Path
+) -> list[Callback]:
+    """The callbacks a run needs for its ``reliability`` section (and its S3 retry budget)."""
+    import os
+
+    os.environ.setdefault("AWS_MAX_ATTEMPTS", str(cfg.s3_max_attempts))
+    out: list[Callback] = []
+    if save_folder and cfg.checkpoint_manifest:
+        out.append(CheckpointIntegrity(save_folder, cfg.min_free_space_factor))
+    if cfg.loss_guard is not None:
+        out.append(LossGuard(cfg.loss_guard, run_dir))
+    return out

@@ -1,0 +1,98 @@
+"""The ``reliability:`` section of a run spec: what to do when something goes wrong.
+
+Defaults are the safe choices: a corrupted newest checkpoint stops the run (an operator should
+know a disk or bucket is eating data) unless fallback is asked for; only checkpoints from the
+run's own ``save_folder`` are unpickled without ``trust_checkpoint``; non-finite losses stop the
+run with a checkpoint, spikes are skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mpt_train.errors import ConfigError
+
+__all__ = ["GUARD_ACTIONS", "LossGuardConfig", "ReliabilityConfig"]
+
+GUARD_ACTIONS = ("stop", "skip", "warn", "off")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, f"got {value!r}, expected one of {', '.join(map(repr, allowed))}")
+
+
+@dataclass
+class LossGuardConfig:
+    """When a step's loss is NaN/Inf or spikes, ``stop`` (save a checkpoint and fail with the
+    step and batch named), ``skip`` (drop that update: weights and optimizer state unchanged),
+    ``warn`` (log only) or ``off``.
+
+    A spike is a loss above ``spike_factor`` times the median of the last ``window`` accepted
+    losses, judged only once ``min_history`` losses are known (early training falls fast).
+    ``max_consecutive_skips`` turns a run that skips forever into a stop: something is wrong
+    beyond one bad batch.
+    """
+
+    on_nonfinite: str = "stop"
+    on_spike: str = "skip"
+    spike_factor: float = 2.5
+    window: int = 100
+    min_history: int = 20
+    max_consecutive_skips: int = 5
+
+    def __post_init__(self) -> None:
+        _choice("on_nonfinite", self.on_nonfinite, GUARD_ACTIONS)
+        _choice("on_spike", self.on_spike, GUARD_ACTIONS)
+        if not self.spike_factor > 1.0:
+            raise ConfigError("spike_factor", f"got {self.spike_factor}, expected > 1")
+        if self.window < 1:
+            raise ConfigError("window", f"got {self.window}, expected >= 1")
+        if self.min_history < 1 or self.min_history > self.window:
+            raise ConfigError(
+                "min_history", f"got {self.min_history}, expected 1..window ({self.window})"
+            )
+        if self.max_consecutive_skips < 1:
+            raise ConfigError(
+                "max_consecutive_skips", f"got {self.max_consecutive_skips}, expected >= 1"
+            )
+
+
+@dataclass
+class ReliabilityConfig:
+    """Checkpoint integrity, trust and loss guarding.
+
+    Attributes:
+        checkpoint_manifest: Write ``<checkpoint>.manifest.json`` (sizes and xxh3-128 checksums)
+            atomically after every save, and resume only from checkpoints that have one.
+        on_corrupt_checkpoint: ``fail`` (stop, naming the file) or ``fallback`` (quarantine it
+            and resume from the previous good checkpoint) when the newest checkpoint does not
+            match its manifest.
+        trust_checkpoint: Composer checkpoints are pickles and can run code when loaded. A
+            ``load_path`` outside this run's ``save_folder`` is refused unless this is true.
+        min_free_space_factor: Before each local save, require this many times the previous
+            checkpoint's size (or the state's size) free on the disk, so a full disk fails with
+            the path named before a partial file is written.
+        s3_max_attempts: Attempts per S3 request, with botocore's exponential backoff (up to
+            20 s apart), for checkpoint uploads and streamed shards. Composer does not retry a
+            refused connection itself and botocore's default (3 attempts in about 2 s) does not
+            outlast a restart of the object store; 10 rides out about a minute. Applied as
+            ``AWS_MAX_ATTEMPTS`` unless that is already set.
+        loss_guard: NaN/Inf/spike handling; null turns it off.
+    """
+
+    checkpoint_manifest: bool = True
+    on_corrupt_checkpoint: str = "fail"
+    trust_checkpoint: bool = False
+    min_free_space_factor: float = 1.1
+    s3_max_attempts: int = 10
+    loss_guard: LossGuardConfig | None = field(default_factory=LossGuardConfig)
+
+    def __post_init__(self) -> None:
+        if self.s3_max_attempts < 1:
+            raise ConfigError("s3_max_attempts", f"got {self.s3_max_attempts}, expected >= 1")
+        _choice("on_corrupt_checkpoint", self.on_corrupt_checkpoint, ("fail", "fallback"))
+        if self.min_free_space_factor < 0:
+            raise ConfigError(
+                "min_free_space_factor", f"got {self.min_free_space_factor}, expected >= 0"
+            )

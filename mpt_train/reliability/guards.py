@@ -1,0 +1,159 @@
+"""Loss guard: catch NaN/Inf losses and loss spikes before they reach the weights.
+
+A single non-finite loss poisons every weight through the optimizer's moments, and a spike
+(a bad batch, an lr too high for a moment) can undo days of training; both are cheap to
+notice and expensive to notice late. The guard looks at the step's loss after backward and
+*before* the optimizer step (Composer's ``AFTER_TRAIN_BATCH``), all-reduced so every rank takes
+the same decision, and then:
+
+* ``skip``: drops the update (gradients set to None, which every optimizer here skips), so the
+  weights and optimizer state are exactly as before the batch; the step counter, data position
+  and lr schedule move on.
+* ``stop``: also drops the update, then ends training after this batch so Composer saves a
+  checkpoint (weights from before the bad batch, data position after it), writes
+  ``loss_guard.json`` with the diagnostics, and fails with :class:`LossGuardStop`.
+* ``warn``: logs only. Every verdict logs one line naming the step and the batch (a hash of
+  each rank's ``input_ids``, to find it again in the data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import statistics
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+
+from mpt_train.errors import RunFailure
+from mpt_train.reliability.config import LossGuardConfig
+
+__all__ = ["LossGuard", "LossGuardStop", "batch_fingerprint"]
+
+log = logging.getLogger(__name__)
+
+
+class LossGuardStop(RunFailure):
+    """Training was stopped by the loss guard; the message names the step and the batch."""
+
+
+def batch_fingerprint(batch: Any) -> str:
+    """Short hash of a batch's ``input_ids``: the same data gives the same fingerprint."""
+    ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
+    data = ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
+    return hashlib.sha1(data).hexdigest()[:12]
+
+
+class LossGuard(Callback):
+    """See the module docstring. ``out_dir`` receives ``loss_guard.json`` on a stop."""
+
+    def __init__(self, cfg: LossGuardConfig, out_dir: str | Path | None = None) -> None:
+        self.cfg = cfg
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.history: deque[float] = deque(maxlen=cfg.window)
+        self.consecutive_skips = 0
+        self.events: list[dict[str, Any]] = []
+        self._micro: list[torch.Tensor] = []
+        self._stop_message: str | None = None
+        self._stop_now = False
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        self._micro = []
+
+    def after_loss(self, state: State, logger: Logger) -> None:
+        loss = state.loss
+        if isinstance(loss, dict):
+            loss = loss.get("total", next(iter(loss.values())))
+        if isinstance(loss, tuple | list):
+            loss = sum(loss)
+        self._micro.append(loss.detach().float().reshape(()))
+
+    def after_train_batch(self, state: State, logger: Logger) -> None:
+        if not self._micro:
+            return
+        local = torch.stack(self._micro)
+        finite = torch.isfinite(local)
+        stats = torch.tensor(
+            [float((~finite).sum()), float(local[finite].sum()), float(len(self._micro))],
+            dtype=torch.float64,
+            device=local.device,
+        )
+        dist.all_reduce(stats, reduce_operation="SUM")
+        nonfinite, total, count = (float(x) for x in stats.tolist())
+        loss = math.nan if nonfinite else total / count
+        step = int(state.timestamp.batch) + 1
+        verdict, action = self._judge(loss)
+        if verdict is None:
+            self.history.append(loss)
+            self.consecutive_skips = 0
+            return
+        if action in ("skip", "stop"):
+            self.consecutive_skips += 1
+            if action == "skip" and self.consecutive_skips > self.cfg.max_consecutive_skips:
+                action = "stop"
+                verdict += f" ({self.consecutive_skips} bad steps in a row)"
+        fingerprints = dist.all_gather_object(batch_fingerprint(state.batch))
+        event = {
+            "step": step,
+            "loss": loss if math.isfinite(loss) else str(loss),
+            "verdict": verdict,
+            "action": action,
+            "batch": fingerprints,
+            "recent_median": statistics.median(self.history) if self.history else None,
+        }
+        self.events.append(event)
+        line = (
+            f"loss guard: step {step}: {verdict}; batch input_ids sha1 "
+            f"{', '.join(f'rank{r}={h}' for r, h in enumerate(fingerprints))}; action: {action}"
+        )
+        (log.error if action == "stop" else log.warning)(line)
+        if action in ("skip", "stop"):
+            for p in state.model.parameters():
+                p.grad = None
+        if action == "stop":
+            self._stop_message = line
+            self._stop_now = True
+
+    def _judge(self, loss: float) -> tuple[str | None, str]:
+        if not math.isfinite(loss):
+            if self.cfg.on_nonfinite == "off":
+                return None, "off"
+            return f"loss is {loss}", self.cfg.on_nonfinite
+        if self.cfg.on_spike == "off" or len(self.history) < self.cfg.min_history:
+            return None, "off"
+        median = statistics.median(self.history)
+        if loss > self.cfg.spike_factor * median:
+            return (
+                f"loss {loss:.4f} spiked above {self.cfg.spike_factor} x the recent median "
+                f"{median:.4f}",
+                self.cfg.on_spike,
+            )
+        return None, "off"
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if self._stop_now:
+            self._stop_now = False
+            # Ends the run after this batch; Composer's saver checkpoints at the end of training.
+            state.stop_training()
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        if self._stop_message is None:
+            return
+        if self.out_dir is not None and dist.get_global_rank() == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "loss_guard.json").write_text(json.dumps(self.events, indent=1))
+        raise LossGuardStop(self._stop_message)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "consecutive_skips": self.consecutive_skips}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history.extend(state.get("history", []))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))

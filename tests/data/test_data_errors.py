@@ -1,0 +1,217 @@
+"""Errors name what to fix: the record (file:line), the shard, the URL, the config key."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import mpt_train.data.convert as convert_mod
+from mpt_train.data import DataReadError, TextDatasetConfig, TextLoaderConfig, build_text_dataloader
+from mpt_train.data.config import StreamConfig
+from mpt_train.data.convert import ConvertOptions, convert_corpus
+from mpt_train.data.sources import BadRecordError
+from mpt_train.data.storage import OutputNotWritableError
+from mpt_train.errors import ConfigError
+from tests.data.data_helpers import read_split, write_jsonl
+from tests.s3_server import find_free_port
+
+# Streaming runs background threads; a hang must fail the test, not the CI job.
+pytestmark = pytest.mark.timeout(180)
+
+
+def _opts(inputs, out, **kw) -> ConvertOptions:
+    base = {"concat_tokens": 16, "progress": False, "workers": 1}
+    base.update(kw)
+    return ConvertOptions(inputs=[str(i) for i in inputs], out=str(out), **base)
+
+
+@pytest.fixture
+def bad_jsonl(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        json.dumps({"text": "A good first document."})
+        + "\n"
+        + '{"text": "unterminated\n'
+        + json.dumps({"body": "wrong field"})
+        + "\n"
+        + json.dumps({"text": "A good last document."})
+        + "\n"
+    )
+    return path
+
+
+def test_malformed_line_names_file_and_line(bad_jsonl: Path, tmp_path: Path) -> None:
+    with pytest.raises(BadRecordError, match=rf"{bad_jsonl}:2: malformed JSON"):
+        convert_corpus(_opts([bad_jsonl], tmp_path / "out"))
+    assert not (tmp_path / "out" / "train" / "index.json").exists()
+
+
+def test_missing_field_names_file_and_line(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "docs.jsonl", ["one", "two"], field="content")
+    with pytest.raises(BadRecordError, match=rf"{path}:1: missing text field 'text'"):
+        convert_corpus(_opts([path], tmp_path / "out"))
+
+
+def test_cli_reports_bad_record_and_fails(bad_jsonl: Path, tmp_path: Path, caplog) -> None:
+    code = convert_mod.main(
+        [
+            str(bad_jsonl),
+            "--out",
+            str(tmp_path / "o"),
+            "--concat-tokens",
+            "8",
+            "--no-progress",
+            "--workers",
+            "1",
+        ]
+    )
+    assert code == 1
+    assert f"{bad_jsonl}:2: malformed JSON" in caplog.text
+
+
+def test_skip_bad_records_counts_them(bad_jsonl: Path, tokenizer, tmp_path: Path) -> None:
+    stats = convert_corpus(
+        _opts([bad_jsonl], tmp_path / "out", skip_bad_records=True, concat_tokens=4)
+    )
+    assert stats.skipped_records == 2
+    assert stats.records_read == 4
+    assert stats.splits["train"].documents == 2
+    saved = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert saved["skipped_records"] == 2
+    good = "A good first document.", "A good last document."
+    expected = []
+    for text in good:
+        expected += tokenizer(text, add_special_tokens=False)["input_ids"] + [0]
+    got = read_split(str(tmp_path / "out"), "train", tmp_path / "cache").reshape(-1).tolist()
+    assert got == expected[: len(expected) // 4 * 4]
+
+
+def test_unwritable_bucket_fails_before_tokenizing(small_corpus, s3_server, monkeypatch) -> None:
+    path, _ = small_corpus
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenizer loaded before the output was probed")
+
+    monkeypatch.setattr(convert_mod, "load_tokenizer", no_tokenizing)
+    with pytest.raises(OutputNotWritableError, match="s3://no-such-bucket-here/corpus"):
+        convert_corpus(_opts([path], "s3://no-such-bucket-here/corpus"))
+
+
+def test_unwritable_local_folder_fails_before_tokenizing(small_corpus, tmp_path, monkeypatch):
+    path, _ = small_corpus
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(convert_mod, "load_tokenizer", lambda *_: pytest.fail("tokenized"))
+    with pytest.raises(OutputNotWritableError, match="a_file/out"):
+        convert_corpus(_opts([path], tmp_path / "a_file" / "out"))
+
+
+def test_missing_input_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):
+        convert_corpus(_opts([tmp_path / "nope.jsonl"], tmp_path / "out"))
+
+
+def _loader(**dataset) -> TextLoaderConfig:
+    ds = {"max_seq_len": 16, "shuffle": False, **dataset}
+    return TextLoaderConfig(dataset=TextDatasetConfig(**ds), num_workers=0)
+
+
+def test_missing_local_folder_names_key_and_path(tmp_path: Path) -> None:
+    missing = tmp_path / "not-there"
+    with pytest.raises(ConfigError, match=f"folder {missing} does not exist") as info:
+        build_text_dataloader(_loader(local=str(missing)), None, 2)
+    assert info.value.key == "dataset.local"
+    streams = {"web": StreamConfig(local=str(missing), proportion=1.0)}
+    with pytest.raises(ConfigError) as info:
+        build_text_dataloader(_loader(streams=streams), None, 2)
+    assert info.value.key == "dataset.streams.web.local"
+
+
+def test_unfinished_conversion_is_not_read(small_corpus, tmp_path: Path) -> None:
+    path, _ = small_corpus
+    out = tmp_path / "out"
+    convert_corpus(_opts([path], out, max_docs=40))
+    (out / "train" / "index.json").unlink()  # as if the run stopped before publishing
+    with pytest.raises(ConfigError, match="unfinished conversion") as info:
+        build_text_dataloader(_loader(local=str(out)), None, 2)
+    assert info.value.key == "dataset.local"
+
+
+@pytest.fixture
+def converted(small_corpus, tmp_path: Path) -> Path:
+    path, _ = small_corpus
+    out = tmp_path / "converted"
+    convert_corpus(_opts([path], out, max_docs=60, docs_per_part=30))
+    return out
+
+
+def _corrupt_first_shard(root: Path) -> Path:
+    shard = sorted((root / "train").rglob("shard.00000.mds.zstd"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3 : len(data) // 3 + 64] = b"\xff" * 64
+    shard.write_bytes(bytes(data))
+    return shard
+
+
+def test_corrupt_shard_names_the_shard(converted: Path, tmp_path: Path) -> None:
+    # Flipped bytes inside a zstd frame decompress without error: only the hash catches them,
+    # and it is checked by default.
+    data = tmp_path / "data"
+    shutil.copytree(converted, data)
+    shard = _corrupt_first_shard(data)
+    loader = build_text_dataloader(_loader(local=str(data)), None, 2)
+    with pytest.raises(DataReadError, match=f"cannot read shard {shard}: ValueError: Checksum"):
+        for _ in loader:
+            pass
+
+
+def test_truncated_shard_names_the_shard(converted: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(converted, data)
+    shard = sorted((data / "train").rglob("shard.00000.mds.zstd"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    loader = build_text_dataloader(_loader(local=str(data), validate_hash=None), None, 2)
+    with pytest.raises(DataReadError, match=f"cannot read shard {shard}: Error: Decompression"):
+        for _ in loader:
+            pass
+
+
+def test_datasets_without_hashes_still_load(small_corpus, tmp_path: Path, caplog) -> None:
+    path, _ = small_corpus
+    out = tmp_path / "nohash"
+    convert_corpus(_opts([path], out, max_docs=30, hashes=[]))
+    loader = build_text_dataloader(_loader(remote=str(out), local=str(tmp_path / "c")), None, 2)
+    assert next(iter(loader))["input_ids"].shape == (2, 16)
+    assert "records no xxh3_64 hashes" in caplog.text
+
+
+def test_corrupt_remote_shard_names_url(converted: Path, tmp_path: Path) -> None:
+    # A local folder used as `remote`: the shard is copied into the cache, then decompressed.
+    shard = _corrupt_first_shard(converted)
+    rel = shard.relative_to(converted / "train")
+    loader = build_text_dataloader(
+        _loader(remote=str(converted), local=str(tmp_path / "cache")), None, 2
+    )
+    with pytest.raises(DataReadError, match=f"cannot read shard {converted}/train/{rel}"):
+        next(iter(loader))
+
+
+def test_unreachable_remote_names_url(s3_server, tmp_path: Path, monkeypatch) -> None:
+    port = find_free_port()  # nothing listens there
+    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    cfg = _loader(
+        remote="s3://mpt-train/gone",
+        local=str(tmp_path / "cache"),
+        download_retry=2,
+        download_timeout=5.0,
+    )
+    with pytest.raises(DataReadError) as info:
+        build_text_dataloader(cfg, None, 2)
+    message = str(info.value)
+    assert "s3://mpt-train/gone/train/index.json" in message
+    assert "after 2 retries" in message
+    assert f"127.0.0.1:{port}" in message  # streaming's own cause is kept

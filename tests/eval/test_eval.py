@@ -1,0 +1,231 @@
+"""ICL scoring, perplexity (ALiBi extrapolation vs learned positions), eval CLI and callback."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from mpt_train.config import load_config_dict
+from mpt_train.data import load_tokenizer
+from mpt_train.eval import (
+    EvalSetConfig,
+    ICLTaskConfig,
+    build_icl_task,
+    evaluate_icl,
+    evaluate_perplexity,
+)
+from mpt_train.eval.icl import score_continuations
+from mpt_train.export import load_model
+from mpt_train.loggers.jsonl import read_metrics
+from mpt_train.model import MPTConfig, build_model
+from mpt_train.trainer import train
+from tests.export.tiny_run import tiny_mds, train_tiny
+from tests.helpers import REPO
+from tests.training.conftest import tiny_spec
+
+MC = ICLTaskConfig(
+    label="mc",
+    path="icl/stdlib_mc.jsonl",
+    kind="multiple_choice",
+    num_fewshot=2,
+    max_seq_len=128,
+    batch_size=5,
+)
+LM = ICLTaskConfig(
+    label="lm",
+    path="icl/stdlib_continuation.jsonl",
+    kind="lm_continuation",
+    num_fewshot=1,
+    max_seq_len=128,
+    batch_size=5,
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("mpt-train/tiny-bpe")
+
+
+class Oracle(torch.nn.Module):
+    """Predicts each token of the given target sequences with certainty (others: uniform)."""
+
+    def __init__(self, targets: list[list[int]], vocab: int = 8192) -> None:
+        super().__init__()
+        self.next = {tuple(t[:i]): t[i] for t in targets for i in range(1, len(t))}
+        self.vocab = vocab
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids_BS: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(*ids_BS.shape, self.vocab)
+        for b, row in enumerate(ids_BS.tolist()):
+            for t in range(len(row)):
+                nxt = self.next.get(tuple(row[: t + 1]))
+                if nxt is not None:
+                    out[b, t, nxt] = 30.0
+        return out
+
+
+def test_oracle_scores_full_marks_and_wrong_oracle_zero(tok) -> None:
+    for cfg in (MC, LM):
+        task = build_icl_task(cfg, tok)
+        gold = [
+            c.context + c.continuation
+            for c in task.candidates
+            if cfg.kind == "lm_continuation"
+            or task.candidates.index(c) - _first(task, c.question) == task.gold[c.question]
+        ]
+        assert evaluate_icl(Oracle(gold), task) == 1.0
+    assert evaluate_icl(Oracle([]), build_icl_task(LM, tok)) == 0.0
+    mc = build_icl_task(MC, tok)
+    wrong = [
+        c.context + c.continuation
+        for c in mc.candidates
+        if mc.candidates.index(c) - _first(mc, c.question) != mc.gold[c.question]
+    ][::3]
+    assert evaluate_icl(Oracle(wrong), mc) == 0.0
+
+
+def _first(task, q: int) -> int:
+    return next(i for i, c in enumerate(task.candidates) if c.question == q)
+
+
+def test_batched_scores_equal_one_by_one_reference(tok) -> None:
+    """Padding and batching do not change any candidate's score (checked by hand, unbatched)."""
+    net = build_model(
+        MPTConfig(
+            d_model=32,
+            n_heads=2,
+            n_layers=2,
+            max_seq_len=128,
+            vocab_size=8192,
+            attn_config={"impl": "torch"},
+        )
+    ).eval()
+    task = build_icl_task(MC, tok)
+    got, _ = score_continuations(net, task.candidates, 128, batch_size=7)
+    for cand, score in zip(task.candidates[:8], got[:8]):
+        ids = torch.tensor([cand.context + cand.continuation])
+        with torch.no_grad():
+            logp = F.log_softmax(net(ids)[0], -1)
+        n = len(cand.context)
+        ref = torch.stack([logp[n - 1 + i, t] for i, t in enumerate(cand.continuation)]).mean()
+        assert score == pytest.approx(float(ref), abs=1e-5)
+    assert len(task.candidates) == 12 * 4 and task.n_questions == 12
+
+
+def test_alibi_extrapolates_learned_positions_refuse(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, tok
+) -> None:
+    """Trained at S=32: ALiBi evaluates at 64 and 128 with finite loss; wpe refuses past 32."""
+    mds128 = tiny_mds(tmp_path_factory, 128)
+    ckpt = train_tiny(tmp_path, mds128)  # tiny_spec trains at max_seq_len 32
+    model, _ = load_model(ckpt)
+    assert model.cfg.max_seq_len == 32
+    losses = {}
+    for s in (32, 64, 128):
+        r = evaluate_perplexity(
+            model,
+            EvalSetConfig(mds=str(mds128), split="val", max_seq_len=s, batch_size=4, max_batches=2),
+            tok,
+        )
+        assert math.isfinite(r.loss) and r.tokens == 2 * 4 * (s - 1)
+        losses[s] = r.loss
+    assert losses[128] < 2 * losses[32]  # extrapolation degrades gracefully, no blow-up
+
+    wpe = build_model(
+        MPTConfig(
+            d_model=32,
+            n_heads=2,
+            n_layers=2,
+            max_seq_len=32,
+            vocab_size=8192,
+            learned_pos_emb=True,
+            attn_config={"impl": "torch", "alibi": False},
+        )
+    )
+    ok = EvalSetConfig(mds=str(mds128), max_seq_len=32, batch_size=4, max_batches=1)
+    assert math.isfinite(evaluate_perplexity(wpe, ok, tok).loss)
+    with pytest.raises(ValueError, match=r"64 exceeds the learned position .*max_seq_len 32"):
+        evaluate_perplexity(wpe, EvalSetConfig(mds=str(mds128), max_seq_len=64), tok)
+
+
+def test_jsonl_perplexity_matches_manual_cross_entropy(tmp_path: Path, tok) -> None:
+    texts = ["The json module encodes objects.", "Regular expressions live in re."] * 3
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    net = build_model(
+        MPTConfig(
+            d_model=32,
+            n_heads=2,
+            n_layers=1,
+            max_seq_len=16,
+            vocab_size=8192,
+            attn_config={"impl": "torch"},
+        )
+    ).eval()
+    r = evaluate_perplexity(net, EvalSetConfig(jsonl=str(path), max_seq_len=16), tok)
+    stream = [i for t in texts for i in [*tok(t)["input_ids"], tok.eos_token_id]]
+    rows = [stream[i : i + 16] for i in range(0, len(stream), 16)]
+    total = n = 0
+    with torch.no_grad():
+        for row in rows:
+            if len(row) < 2:
+                continue
+            ids = torch.tensor([row])
+            total += float(F.cross_entropy(net(ids)[0, :-1], ids[0, 1:], reduction="sum"))
+            n += len(row) - 1
+    assert r.tokens == n and r.loss == pytest.approx(total / n, rel=1e-5)
+    assert r.perplexity == pytest.approx(math.exp(total / n), rel=1e-5)
+
+
+def test_eval_script_reports_sets_and_tasks(tiny_ckpt: Path, mds32: Path, tmp_path: Path) -> None:
+    spec = {
+        "model": str(tiny_ckpt),
+        "attn_impl": "torch",
+        "eval_sets": {"val": {"mds": str(mds32), "max_seq_len": 32, "max_batches": 2}},
+        "icl_tasks": [MC.__dict__, LM.__dict__],
+    }
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "r.json"
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts/eval.py"),
+        str(tmp_path / "e.yaml"),
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert math.isfinite(res["eval/val/loss"]) and res["eval/val/perplexity"] > 1
+    assert 0 <= res["icl/mc/accuracy"] <= 1 and 0 <= res["icl/lm/accuracy"] <= 1
+    assert "icl/mc/accuracy" in proc.stdout
+
+    spec["icl_tasks"][0]["kind"] = "multiple-choice"
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(spec))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2 and "icl_tasks.0.kind" in proc.stderr
+
+
+def test_icl_callback_logs_at_eval_interval(
+    mds32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = tiny_spec(
+        mds32,
+        max_duration="4ba",
+        eval_interval="2ba",
+        icl_tasks=[{**LM.__dict__, "max_seq_len": 32}],
+    )
+    train(load_config_dict(spec))
+    rows = read_metrics(tmp_path / "runs/tiny/metrics.jsonl")
+    steps = sorted(r["step"] for r in rows if "icl/lm/accuracy" in r)
+    assert steps == [2, 4]

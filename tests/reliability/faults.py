@@ -1,0 +1,116 @@
+"""Fault injection and bookkeeping callbacks shared by the reliability tests and fault_run.py.
+
+``SampleLedger`` records, per rank and step, a hash of every sample the step trained on, and at
+the end of training the full (unsharded) weights: the evidence for "no sample seen twice or
+skipped" and "final weights equal an uninterrupted run".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+
+
+def sample_hashes(batch: dict[str, torch.Tensor]) -> list[str]:
+    ids = batch["input_ids"].detach().cpu().to(torch.int64)
+    return [hashlib.sha1(row.numpy().tobytes()).hexdigest()[:16] for row in ids]
+
+
+class SampleLedger(Callback):
+    """Appends ``{"step", "rank", "samples"}`` lines to ``<prefix>.rank<r>.jsonl``; saves the
+    full weights to ``<prefix>.weights.pt`` (rank 0) at the end of training."""
+
+    def __init__(self, prefix: str | Path) -> None:
+        self.prefix = Path(prefix)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        rank = dist.get_global_rank()
+        row = {
+            "step": int(state.timestamp.batch),
+            "rank": rank,
+            "samples": sample_hashes(state.batch),
+        }
+        with open(f"{self.prefix}.rank{rank}.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        weights = {}
+        for name, p in state.model.named_parameters():
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            weights[name] = full.detach().cpu().clone()
+        if dist.get_global_rank() == 0:
+            torch.save(weights, f"{self.prefix}.weights.pt")
+
+
+class KillAtBatch(Callback):
+    """SIGKILL ``rank`` at the start of batch ``batch + 1``: mid-run, after batch ``batch``."""
+
+    def __init__(self, batch: int, rank: int) -> None:
+        self.batch, self.rank = batch, rank
+
+    def before_forward(self, state: State, logger: Logger) -> None:
+        # Mid-step: the batch is loaded and its forward is about to run.
+        if int(state.timestamp.batch) == self.batch and dist.get_global_rank() == self.rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_during_save(batch: int) -> None:
+    """Make the monolithic save at ``batch`` die half-way through writing its file."""
+    from composer.utils import checkpoint
+
+    original = checkpoint._write_checkpoint_file
+
+    def write(state_dict: dict[str, Any], filename: str) -> None:
+        original(state_dict, filename)
+        if f"-ba{batch}-" in os.path.basename(filename):
+            size = os.path.getsize(filename)
+            with open(filename, "r+b") as f:
+                f.truncate(size // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint._write_checkpoint_file = write
+
+
+class ScaleOutputs(Callback):
+    """Multiply the logits of step ``step`` by ``factor`` (nan: a NaN loss; large: a spike)."""
+
+    def __init__(self, step: int, factor: float) -> None:
+        self.step, self.factor = step, factor
+
+    def after_forward(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) + 1 == self.step:
+            state.outputs = state.outputs * self.factor
+
+
+class ReplaceFolderWithFile(Callback):
+    """At the end of batch ``batch`` replace ``folder`` by a file (moving it aside), as when a
+    mount disappears: the next save must fail naming the path."""
+
+    def __init__(self, batch: int, folder: Path) -> None:
+        self.batch, self.folder = batch, folder
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) == self.batch:
+            os.replace(self.folder, self.folder.with_name(self.folder.name + ".moved"))
+            self.folder.write_text("not a folder")
+
+
+class StopAfter(Callback):
+    """End training cleanly after batch ``batch`` (max_duration, and so the lr schedule, stay
+    those of the full run until then)."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) == self.batch:
+            state.stop_training()

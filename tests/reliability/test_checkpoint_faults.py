@@ -1,0 +1,148 @@
+"""Crashes during a save, corrupted checkpoints, a vanished or full save_folder: real runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mpt_train.config import load_config_dict
+from mpt_train.loggers.jsonl import read_metrics
+from mpt_train.reliability import CheckpointCorruptError, CheckpointSaveError
+from mpt_train.trainer import build_trainer, train
+from tests.helpers import REPO
+from tests.reliability.faults import ReplaceFolderWithFile, StopAfter
+from tests.training.conftest import run, tiny_spec, write_spec
+
+CKPT = "ep0-ba{}-rank0.pt"
+
+
+def losses(path: Path) -> dict[int, float]:
+    return {r["step"]: r["loss/train/total"] for r in read_metrics(path) if "loss/train/total" in r}
+
+
+def spec_for(mds: Path, folder: Path, **top: Any) -> dict[str, Any]:
+    top = {"save_folder": str(folder), "save_interval": "2ba", "max_duration": "8ba", **top}
+    return tiny_spec(mds, **top)
+
+
+@pytest.fixture(scope="module")
+def reference(mds_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """Losses of an uninterrupted 8-batch run (no checkpoints)."""
+    where = tmp_path_factory.mktemp("reference")
+    spec = tiny_spec(mds_dir, run_name="reference", max_duration="8ba")
+    spec["loggers"]["jsonl"] = {"path": str(where / "metrics.jsonl")}
+    train(load_config_dict(spec))
+    return losses(where / "metrics.jsonl")
+
+
+def test_kill_during_save_resumes_from_previous_complete_checkpoint(
+    mds_dir: Path, in_tmp: Path, reference: dict[int, float]
+) -> None:
+    ckpt = in_tmp / "ckpt"
+    spec_file = write_spec(in_tmp / "spec.yaml", spec_for(mds_dir, ckpt))
+    killed = run(
+        [
+            sys.executable,
+            str(REPO / "tests/reliability/fault_run.py"),
+            "--kill-during-save",
+            "6",
+            str(spec_file),
+            "loggers.jsonl.path=first.jsonl",
+        ],
+        cwd=in_tmp,
+        check=False,
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    partial = ckpt / CKPT.format(6)
+    assert partial.is_file() and not (ckpt / f"{partial.name}.manifest.json").exists()
+    assert (ckpt / f"{CKPT.format(4)}.manifest.json").is_file()
+
+    spec = spec_for(mds_dir, ckpt)
+    spec["loggers"]["jsonl"] = {"path": "second.jsonl"}
+    train(load_config_dict(spec))
+    second = losses(in_tmp / "second.jsonl")
+    assert sorted(second) == [5, 6, 7, 8]
+    assert all(second[s] == reference[s] for s in second), (second, reference)
+    assert (ckpt / ".quarantine" / CKPT.format(6)).is_file()
+    assert (ckpt / CKPT.format(8)).is_file() and (
+        ckpt / f"{CKPT.format(8)}.manifest.json"
+    ).is_file()
+
+
+@pytest.mark.parametrize("damage", ["bitflip", "truncate"])
+def test_corrupt_checkpoint_is_named_then_fallback_resumes(
+    damage: str, mds_dir: Path, in_tmp: Path, reference: dict[int, float]
+) -> None:
+    ckpt = in_tmp / "ckpt"
+    trainer = build_trainer(
+        load_config_dict(spec_for(mds_dir, ckpt)), extra_callbacks=[StopAfter(6)]
+    )
+    trainer.fit()
+    trainer.close()
+    bad = ckpt / CKPT.format(6)
+    data = bytearray(bad.read_bytes())
+    if damage == "bitflip":
+        data[len(data) // 2] ^= 0x40
+    else:
+        data = data[: len(data) - 100]
+    bad.write_bytes(bytes(data))
+
+    with pytest.raises(CheckpointCorruptError, match=str(bad)) as err:
+        train(load_config_dict(spec_for(mds_dir, ckpt)))
+    assert "on_corrupt_checkpoint=fallback" in str(err.value)
+    assert bad.is_file(), "fail mode must not move anything"
+
+    spec = spec_for(mds_dir, ckpt, reliability={"on_corrupt_checkpoint": "fallback"})
+    spec["loggers"]["jsonl"] = {"path": "second.jsonl"}
+    train(load_config_dict(spec))
+    second = losses(in_tmp / "second.jsonl")
+    assert sorted(second) == [5, 6, 7, 8]
+    assert all(second[s] == reference[s] for s in second)
+    assert (ckpt / ".quarantine" / CKPT.format(6)).read_bytes() == bytes(data)
+
+
+def test_save_folder_replaced_by_file_fails_naming_the_path(mds_dir: Path, in_tmp: Path) -> None:
+    ckpt = in_tmp / "ckpt"
+    trainer = build_trainer(
+        load_config_dict(spec_for(mds_dir, ckpt)),
+        extra_callbacks=[ReplaceFolderWithFile(3, ckpt)],
+    )
+    with pytest.raises(CheckpointSaveError, match=f"{ckpt}.* not a directory"):
+        trainer.fit()
+    trainer.close()
+    # The checkpoints written before the folder vanished are intact and complete.
+    moved = in_tmp / "ckpt.moved"
+    assert (moved / CKPT.format(2)).is_file() and (
+        moved / f"{CKPT.format(2)}.manifest.json"
+    ).is_file()
+
+
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    where.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", f"mpt-{uuid.uuid4().hex[:6]}", str(where)],
+        capture_output=True,
+    )
+    return proc.returncode == 0
+
+
+def test_disk_full_fails_before_writing_naming_the_path(mds_dir: Path, in_tmp: Path) -> None:
+    """A 1 MiB tmpfs is too small for one ~3 MiB checkpoint (weights + Adam state)."""
+    disk = in_tmp / "disk"
+    if not _mount_tmpfs(disk, "1m"):
+        pytest.skip(
+            "mounting a tmpfs needs root (CAP_SYS_ADMIN); the unwritable-folder test "
+            "covers the same code path"
+        )
+    try:
+        ckpt = disk / "ckpt"
+        with pytest.raises(CheckpointSaveError, match=f"not saving checkpoint {ckpt}.*MiB free"):
+            train(load_config_dict(spec_for(mds_dir, ckpt)))
+        assert not list(ckpt.glob("ep*")), "nothing partial may be written"
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -1,0 +1,115 @@
+"""NaN/Inf losses and loss spikes: skipped or stopped, with the step and batch named."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+
+from mpt_train.config import load_config_dict
+from mpt_train.loggers.jsonl import read_metrics
+from mpt_train.reliability import LossGuardStop
+from mpt_train.reliability.guards import batch_fingerprint
+from mpt_train.trainer import build_trainer, train
+from tests.reliability.faults import ScaleOutputs
+from tests.training.conftest import tiny_spec
+
+
+class WatchStep(Callback):
+    """Weights before and after step ``step``, and that step's batch fingerprint."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.before: dict[str, torch.Tensor] = {}
+        self.after: dict[str, torch.Tensor] = {}
+        self.fingerprint = ""
+
+    def _params(self, state: State) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in state.model.named_parameters()}
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) + 1 == self.step:
+            self.before = self._params(state)
+            self.fingerprint = batch_fingerprint(state.batch)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) == self.step:
+            self.after = self._params(state)
+
+
+def fit(spec: dict[str, Any], *callbacks: Callback) -> None:
+    trainer = build_trainer(load_config_dict(spec), extra_callbacks=list(callbacks))
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_is_skipped_and_named(
+    mds_dir: Path, in_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = tiny_spec(
+        mds_dir, max_duration="6ba", reliability={"loss_guard": {"on_nonfinite": "skip"}}
+    )
+    watch = WatchStep(3)
+    with caplog.at_level(logging.WARNING, logger="mpt_train.reliability.guards"):
+        fit(spec, ScaleOutputs(3, float("nan")), watch)
+    assert same(watch.before, watch.after), "a skipped step must leave the weights unchanged"
+    lines = [r.getMessage() for r in caplog.records if "loss guard" in r.getMessage()]
+    assert len(lines) == 1
+    assert "step 3: loss is nan" in lines[0] and f"rank0={watch.fingerprint}" in lines[0]
+    assert "action: skip" in lines[0]
+    rows = {r["step"]: r for r in read_metrics(in_tmp / "runs/tiny/metrics.jsonl")}
+    assert max(rows) == 6 and all(
+        isinstance(rows[s]["loss/train/total"], float) for s in (4, 5, 6)
+    ), "training goes on with finite losses after the skipped step"
+
+
+def test_nan_loss_stops_with_checkpoint_and_diagnostics(mds_dir: Path, in_tmp: Path) -> None:
+    spec = tiny_spec(mds_dir, max_duration="6ba", save_folder="ckpt", save_interval="10ba")
+    watch = WatchStep(3)
+    with pytest.raises(LossGuardStop, match="step 3: loss is nan"):
+        fit(spec, ScaleOutputs(3, float("inf")), watch)
+    assert (in_tmp / "ckpt/ep0-ba3-rank0.pt").is_file()
+    assert (in_tmp / "ckpt/ep0-ba3-rank0.pt.manifest.json").is_file()
+    events = json.loads((in_tmp / "runs/tiny/loss_guard.json").read_text())
+    assert events[0]["step"] == 3 and events[0]["batch"] == [watch.fingerprint]
+    saved = torch.load(in_tmp / "ckpt/ep0-ba3-rank0.pt", weights_only=False)["state"]["model"]
+    before = {f"model.{k}" if not k.startswith("model.") else k: v for k, v in watch.before.items()}
+    assert all(torch.equal(saved[k], before[k]) for k in before), "checkpoint predates the bad step"
+
+    # The same command, once the cause is fixed, resumes after the bad batch.
+    spec["loggers"]["jsonl"] = {"path": "second.jsonl"}
+    train(load_config_dict(spec))
+    assert sorted(r["step"] for r in read_metrics(in_tmp / "second.jsonl")) == [4, 5, 6]
+
+
+def test_loss_spike_is_skipped(
+    mds_dir: Path, in_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    guard = {"on_spike": "skip", "min_history": 3, "window": 10, "spike_factor": 2.0}
+    spec = tiny_spec(mds_dir, max_duration="7ba", reliability={"loss_guard": guard})
+    watch = WatchStep(6)
+    with caplog.at_level(logging.WARNING, logger="mpt_train.reliability.guards"):
+        fit(spec, ScaleOutputs(6, 200.0), watch)
+    assert same(watch.before, watch.after)
+    lines = [r.getMessage() for r in caplog.records if "loss guard" in r.getMessage()]
+    assert len(lines) == 1 and "step 6: loss" in lines[0] and "spiked" in lines[0], lines
+
+
+def test_guard_off_lets_nan_through(mds_dir: Path, in_tmp: Path) -> None:
+    """The control: without the guard the same fault reaches the weights."""
+    spec = tiny_spec(mds_dir, max_duration="4ba", reliability={"loss_guard": None})
+    watch = WatchStep(3)
+    fit(spec, ScaleOutputs(3, float("nan")), watch)
+    assert any(torch.isnan(t).any() for t in watch.after.values())
