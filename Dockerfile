@@ -53,4 +53,6 @@ USER 1000
 
 # `composer` is Composer's launcher: `-n` defaults to the visible GPU count.
 ENTRYPOINT ["composer"]
-CMD ["train.py", "yamls/quickstart.yaml"]
+# Default: the quickstart (prepares the shipped corpus, trains a tiny MPT); pass your own
+# `train.py SPEC ...` to train for real.
+CMD ["-n", "1", "-m", "mpt_train.quickstart"]

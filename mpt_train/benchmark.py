@@ -31,6 +31,7 @@ from composer.utils import dist
 
 from mpt_train.accounting import detect_gpu_type, get_gpu, hfu_from_mfu, shape_model
 from mpt_train.config import ConfigError, RunConfig, load_config
+from mpt_train.config.schema import train_seq_len
 
 __all__ = ["BenchmarkRow", "StepTimer", "format_row", "main", "run_benchmark"]
 
@@ -126,6 +127,10 @@ def run_benchmark(
 
     from mpt_train.trainer import build_trainer
 
+    if warmup < 1:
+        raise ConfigError(
+            "warmup", f"got {warmup}, need >= 1 (the first step compiles and warms up)"
+        )
     if steps <= warmup:
         raise ConfigError("steps", f"got {steps}, must exceed warmup ({warmup})")
     cfg = replace(
@@ -164,7 +169,7 @@ def run_benchmark(
     return BenchmarkRow(
         model=name or cfg.run_name or "mpt",
         params=shape_model(cfg.model).num_params(),  # unsharded count
-        seq_len=cfg.train_loader.dataset.max_seq_len,
+        seq_len=train_seq_len(cfg),
         gpus=world,
         gpu=gpu_type or ("cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()),
         micro_batch=micro,
@@ -192,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--peak-flops", type=float, default=None, help="per-device peak FLOP/s")
     parser.add_argument("--gpu", default=None, help="GPU type for the peak (default: detected)")
     parser.add_argument("--json", action="store_true", help="one JSON object")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from mpt_train.cli import setup_logging
 
     setup_logging()

@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("spec", help="run spec YAML, e.g. yamls/quickstart.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as max_duration=20ba")
     parser.add_argument("--dry-run", action="store_true", help="check the spec, print it, exit")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     setup_logging()
 
     from mpt_train.config import load_config, redact, to_container

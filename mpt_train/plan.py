@@ -30,6 +30,7 @@ from mpt_train.accounting import (
     shape_model,
 )
 from mpt_train.config import RunConfig, load_config
+from mpt_train.config.schema import train_seq_len
 from mpt_train.errors import ConfigError
 
 __all__ = [
@@ -119,7 +120,7 @@ def make_plan(
     if deadline_days is not None and deadline_days <= 0:
         raise ConfigError("deadline_days", f"got {deadline_days}, expected > 0")
     spec = get_gpu(gpu, "gpu")
-    seq_len = cfg.train_loader.dataset.max_seq_len
+    seq_len = train_seq_len(cfg)
     tokens = duration_tokens(cfg.max_duration, cfg.global_train_batch_size, seq_len)
     fpt = flops_per_token(cfg.model, seq_len)
     params = shape_model(cfg.model).num_params()
@@ -224,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="one JSON object")
     out.add_argument("--markdown", action="store_true", help="a README table row")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.spec, args.overrides)
         plan = make_plan(

@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from mpt_train.config import load_config, to_container
+from mpt_train.config.schema import train_seq_len
 from mpt_train.errors import ConfigError
 
 __all__ = [
@@ -189,8 +190,7 @@ def resolve(sweep: Sweep) -> list[Point]:
                 metrics=str(Path(jsonl.path.format(run_name=run_name)).resolve())
                 if jsonl
                 else None,
-                global_batch_tokens=cfg.global_train_batch_size
-                * cfg.train_loader.dataset.max_seq_len,
+                global_batch_tokens=cfg.global_train_batch_size * train_seq_len(cfg),
                 gpu_type=cfg.cost.gpu_type,
                 price_per_gpu_hour=cfg.cost.price_per_gpu_hour,
             )

@@ -8,6 +8,7 @@ checkpoint folder) before a single parameter is allocated.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from dataclasses import replace
@@ -20,6 +21,7 @@ from composer import Evaluator, Trainer
 from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
 from composer.core import Callback, DataSpec, State
+from composer.distributed.activation_checkpointing import apply_ac
 from composer.loggers import Logger, LoggerDestination, WandBLogger
 from composer.utils import dist, reproducibility
 from composer.utils.parallelism import FSDP2Config
@@ -99,6 +101,12 @@ def _parallelism(cfg: RunConfig, device: str) -> dict[str, Any] | None:
         from torch.distributed.device_mesh import init_device_mesh
 
         local = dist.get_local_world_size()
+        if world % local:
+            raise ConfigError(
+                "fsdp.sharding_strategy",
+                f"HYBRID_SHARD needs whole nodes: world size {world} is not a multiple of the "
+                f"{local} ranks per node",
+            )
         mesh = init_device_mesh(
             "cuda" if device == "gpu" else "cpu",
             (world // local, local),
@@ -114,6 +122,28 @@ def _parallelism(cfg: RunConfig, device: str) -> dict[str, Any] | None:
             mixed_precision=f.mixed_precision,
         )
     }
+
+
+def _unsharded_fsdp_settings(cfg: RunConfig, model: ComposerMPT, world: int) -> None:
+    """Without FSDP (one rank, NO_SHARD) keep what still applies: activation checkpointing."""
+    f = cfg.fsdp
+    if f is None:
+        return
+    if f.activation_checkpointing or f.activation_cpu_offload:
+        apply_ac(
+            model,
+            f.activation_checkpointing,
+            f.activation_cpu_offload,
+            check_fn=lambda module: isinstance(module, MPTBlock),
+        )
+    if f.mixed_precision != "DEFAULT" or f.sharding_strategy not in ("FULL_SHARD", "NO_SHARD"):
+        log.warning(
+            "fsdp.mixed_precision=%s / fsdp.sharding_strategy=%s have no effect without sharding "
+            "(%d rank(s)); `precision` alone sets the compute dtype",
+            f.mixed_precision,
+            f.sharding_strategy,
+            world,
+        )
 
 
 def _dataloader(
@@ -193,6 +223,9 @@ def _callbacks(
 def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = None) -> Trainer:
     """Check the spec against the world, build every part, return a ready Composer Trainer."""
     device = _device(cfg)
+    # botocore's default (3 tries in ~2 s) turns a short S3 hiccup into a failed run; set the
+    # retry budget before anything (write probe, dataset index) talks to a bucket.
+    os.environ.setdefault("AWS_MAX_ATTEMPTS", str(cfg.reliability.s3_max_attempts))
     dist.initialize_dist(device, timeout=cfg.dist_timeout)
     run_name, fixed_name = resolve_run_name(cfg)
     cfg = replace(cfg, run_name=run_name)
@@ -220,7 +253,13 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
 
     # Composer seeds after the model is built: seed first so fresh runs are reproducible.
     reproducibility.seed_all(cfg.seed)
-    tokenizer = load_tokenizer(cfg.tokenizer.name)
+    tokenizer = load_tokenizer(cfg.tokenizer.name, **cfg.tokenizer.kwargs)
+    if len(tokenizer) > cfg.model.vocab_size:
+        raise ConfigError(
+            "model.vocab_size",
+            f"{cfg.model.vocab_size} is smaller than tokenizer {cfg.tokenizer.name!r} "
+            f"({len(tokenizer)} ids); token ids past the table would fail on the first step",
+        )
     parallelism = _parallelism(cfg, device)
     model_cfg = cfg.model
     if model_cfg.init_device == "meta" and not (parallelism and device == "gpu"):
@@ -242,6 +281,8 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
     composer_model = ComposerMPT(
         model, loss_chunk_tokens=cfg.loss.chunk_tokens, train_metrics=cfg.loss.train_metrics
     )
+    if parallelism is None:
+        _unsharded_fsdp_settings(cfg, composer_model, world)
 
     seq_id = model_cfg.attn_config.attn_uses_sequence_id
     if cfg.finetune_loader is not None:
@@ -335,6 +376,9 @@ def train(cfg: RunConfig) -> Trainer:
                 trainer.state.max_duration,
             )
         else:
+            evaluators = trainer.state.evaluators
+            if cfg.eval_first and evaluators and int(trainer.state.timestamp.batch) == 0:
+                trainer.eval()
             trainer.fit()
     finally:
         trainer.close()

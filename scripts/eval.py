@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("spec", help="eval spec YAML")
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as model=path")
     parser.add_argument("--json", help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from mpt_train.cli import setup_logging
 
     setup_logging()

@@ -35,6 +35,7 @@ __all__ = [
     "WandbLoggerConfig",
     "check_choice",
     "check_time",
+    "train_seq_len",
 ]
 
 TIME_UNITS = ("ba", "tok", "ep", "sp", "dur")
@@ -337,3 +338,9 @@ class RunConfig:
             )
         if self.eval_loader is not None and "eval" in self.eval_loaders:
             raise ConfigError("eval_loaders.eval", "the label 'eval' is taken by eval_loader")
+
+
+def train_seq_len(cfg: RunConfig) -> int:
+    """Tokens per training sample, whichever loader (pretraining or fine-tuning) the spec uses."""
+    loader = cfg.train_loader if cfg.train_loader is not None else cfg.finetune_loader
+    return loader.dataset.max_seq_len

@@ -11,6 +11,8 @@ import os
 import uuid
 from pathlib import Path
 
+from composer.utils import dist, format_name_with_dist
+
 from mpt_train.config.schema import RunConfig
 from mpt_train.data.config import TextLoaderConfig
 from mpt_train.errors import ConfigError
@@ -54,8 +56,8 @@ def validate_run(cfg: RunConfig, world_size: int, *, probe_storage: bool = True)
         _check_loader(f"eval_loaders.{label}", loader, cfg, training=False)
     if cfg.load_path and "://" not in cfg.load_path and not Path(cfg.load_path).exists():
         raise ConfigError("load_path", f"checkpoint not found: {cfg.load_path}")
-    if cfg.save_folder and probe_storage:
-        check_save_folder(cfg.save_folder.format(run_name=cfg.run_name or "run"))
+    if cfg.save_folder and probe_storage and dist.get_global_rank() == 0:
+        check_save_folder(format_name_with_dist(cfg.save_folder, cfg.run_name or "run"))
 
 
 def _check_loader(key: str, loader: TextLoaderConfig, cfg: RunConfig, training: bool) -> None:
@@ -143,6 +145,9 @@ def check_save_folder(save_folder: str) -> None:
             store.upload_object(key, str(tmp))
         finally:
             tmp.unlink(missing_ok=True)
+        client = getattr(store, "client", None)  # S3: leave no probe object behind
+        if client is not None and hasattr(client, "delete_object"):
+            client.delete_object(Bucket=store.bucket, Key=key)
     except Exception as e:
         raise ConfigError("save_folder", f"cannot write to {save_folder}: {e}") from None
     log.debug("save_folder %s is writable", save_folder)

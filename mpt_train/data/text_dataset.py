@@ -29,12 +29,14 @@ import torch
 from streaming import StreamingDataset
 from streaming.base.dataset import _ShardState
 
+from mpt_train.errors import RunFailure
+
 __all__ = ["DataReadError", "StreamingTextDataset", "sequence_ids"]
 
 log = logging.getLogger(__name__)
 
 
-class DataReadError(RuntimeError):
+class DataReadError(RunFailure):
     """A shard or index could not be read; the message names its path or URL."""
 
 

@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -40,19 +41,20 @@ SHIPPED_TOKENIZER_NAME = "mpt-train/tiny-bpe"
 SHIPPED_CORPUS: str = str(_ASSETS / "corpus" / "stdlib_docs.jsonl.gz")
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str, **kwargs: Any) -> PreTrainedTokenizerBase:
     """Load a Hugging Face tokenizer by hub name or local path.
 
     ``"mpt-train/tiny-bpe"`` (or :data:`SHIPPED_TOKENIZER`) gives the shipped tokenizer without
     any network access; anything else goes to ``AutoTokenizer.from_pretrained`` (for example
     ``"EleutherAI/gpt-neox-20b"``, the MPT default). ``model_max_length`` is lifted so that
     tokenizing long documents for concatenation does not warn: chunking happens afterwards.
+    ``kwargs`` (the spec's ``tokenizer.kwargs``) go to ``from_pretrained``.
 
     Raises:
         ValueError: if the tokenizer has no EOS token (documents could not be separated).
     """
     path = SHIPPED_TOKENIZER if name_or_path == SHIPPED_TOKENIZER_NAME else name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if tokenizer.eos_token_id is None:
         raise ValueError(
             f"tokenizer {name_or_path!r} has no EOS token; documents cannot be separated"

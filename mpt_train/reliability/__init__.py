@@ -43,10 +43,10 @@ __all__ = [
 def reliability_callbacks(
     cfg: ReliabilityConfig, save_folder: str | None, run_dir: Path
 ) -> list[Callback]:
-    """The callbacks a run needs for its ``reliability`` section (and its S3 retry budget)."""
-    import os
+    """The callbacks a run needs for its ``reliability`` section.
 
-    os.environ.setdefault("AWS_MAX_ATTEMPTS", str(cfg.s3_max_attempts))
+    The S3 retry budget (``s3_max_attempts``) is set by the trainer before any bucket access.
+    """
     out: list[Callback] = []
     if save_folder and cfg.checkpoint_manifest:
         out.append(CheckpointIntegrity(save_folder, cfg.min_free_space_factor))

@@ -109,3 +109,19 @@ def test_cli_reports_bad_spec_in_one_line_without_traceback(data: Path, tmp_path
     assert "optimizer.weight_decy" in proc.stderr and "optimizer.weight_decay" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_s3_save_folder_is_probed_and_left_clean(
+    s3_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mpt_train.config.validate import check_save_folder
+
+    check_save_folder(s3_server.url("ckpt", "run-1"))
+    client = s3_server.client()
+    listed = client.list_objects_v2(Bucket=s3_server.bucket, Prefix="ckpt/run-1/")
+    assert listed.get("KeyCount", 0) == 0
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")  # the server enforces keys
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(ConfigError, match="cannot write to s3://") as e:
+        check_save_folder(s3_server.url("ckpt", "run-2"))
+    assert e.value.key == "save_folder"

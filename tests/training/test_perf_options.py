@@ -89,3 +89,22 @@ def test_per_block_compile_keeps_losses(
             r["loss/train/total"] for r in read_metrics(tmp_path / f"runs/{name}/metrics.jsonl")
         ]
     assert runs["eager"] == pytest.approx(runs["compiled"], rel=1e-5)
+
+
+def test_activation_checkpointing_applies_on_one_rank_and_keeps_losses(
+    mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    monkeypatch.chdir(tmp_path)
+    runs, wrapped = {}, {}
+    for name, ac in (("plain", False), ("ac", True)):
+        spec = tiny_spec(mds_dir, run_name=name, max_duration="3ba",
+                         fsdp={"activation_checkpointing": ac})  # fmt: skip
+        trainer = train(load_config_dict(spec))
+        wrapped[name] = sum(isinstance(m, CheckpointWrapper) for m in trainer.state.model.modules())
+        runs[name] = [
+            r["loss/train/total"] for r in read_metrics(tmp_path / f"runs/{name}/metrics.jsonl")
+        ]
+    assert wrapped == {"plain": 0, "ac": 2}  # both blocks of the tiny model
+    assert runs["plain"] == pytest.approx(runs["ac"], rel=1e-6)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mpt_train.config import load_config_dict
+from mpt_train.config import ConfigError, load_config_dict
 from mpt_train.loggers.jsonl import read_metrics
 from mpt_train.trainer import train
 from tests.helpers import REPO
@@ -175,3 +175,15 @@ def test_rerun_after_finish_does_not_train_again(
     assert (
         json.loads((tmp_path / "runs/tiny/metrics.jsonl").read_text().splitlines()[0])["step"] == 1
     )
+
+
+def test_vocab_smaller_than_tokenizer_fails_before_training(
+    mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = tiny_spec(mds_dir)
+    spec["model"]["vocab_size"] = 4096  # the shipped tokenizer has 8192 ids
+    with pytest.raises(ConfigError, match="8192") as e:
+        train(load_config_dict(spec))
+    assert e.value.key == "model.vocab_size"
+    assert not (tmp_path / "runs/tiny/metrics.jsonl").exists()
