@@ -27,7 +27,7 @@ from composer.utils import dist, reproducibility
 from composer.utils.parallelism import FSDP2Config
 
 from mpt_train.callbacks import CostMonitor
-from mpt_train.composer_model import ComposerMPT
+from mpt_train.composer_model import IGNORE_INDEX, ComposerMPT, shift_labels
 from mpt_train.config import RunConfig, redact, to_container
 from mpt_train.config.validate import device_train_batch_size, validate_run
 from mpt_train.data import build_text_dataloader, load_tokenizer
@@ -146,11 +146,23 @@ def _unsharded_fsdp_settings(cfg: RunConfig, model: ComposerMPT, world: int) -> 
         )
 
 
+def _token_counts(batch: dict[str, Any]) -> dict[str, int]:
+    """Tokens of a batch: ``total`` for throughput, ``loss_generating`` to weight microbatches.
+
+    Padding (``sequence_id`` -1 in fine-tuning batches) is not data. Weighting microbatches by
+    the tokens that carry loss (not by samples) makes a fine-tune's gradient the mean over all
+    response tokens of the global batch, whatever the microbatch size or number of ranks.
+    """
+    seq_id = batch.get("sequence_id")
+    total = int((seq_id >= 0).sum()) if seq_id is not None else int(batch["input_ids"].numel())
+    return {"total": total, "loss_generating": int((shift_labels(batch) != IGNORE_INDEX).sum())}
+
+
 def _dataloader(
     loader: TextLoaderConfig, tokenizer: Any, batch_size: int, seq_id: bool
 ) -> DataSpec:
     dl = build_text_dataloader(loader, tokenizer, batch_size, emit_sequence_id=seq_id)
-    return DataSpec(dl, get_num_tokens_in_batch=lambda b: int(b["input_ids"].numel()))
+    return DataSpec(dl, get_num_tokens_in_batch=_token_counts)
 
 
 def _finetune_dataloader(loader: FinetuneLoaderConfig, tokenizer: Any, batch_size: int) -> DataSpec:
@@ -158,8 +170,7 @@ def _finetune_dataloader(loader: FinetuneLoaderConfig, tokenizer: Any, batch_siz
         dl = build_finetune_dataloader(loader, tokenizer, batch_size)
     except ConfigError as err:
         raise err.with_prefix("finetune_loader") from None
-    # Real tokens only: padding (sequence_id -1) is not data, as llm-foundry counts.
-    return DataSpec(dl, get_num_tokens_in_batch=lambda b: int((b["sequence_id"] >= 0).sum()))
+    return DataSpec(dl, get_num_tokens_in_batch=_token_counts)
 
 
 def _loggers(cfg: RunConfig, run_name: str) -> list[LoggerDestination]:
@@ -351,6 +362,7 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
         load_weights_only=cfg.load_weights_only,
         load_strict_model_weights=cfg.load_strict_model_weights,
         dist_timeout=cfg.dist_timeout,
+        accumulate_train_batch_on_tokens=True,
         python_log_level=None,
     )
 

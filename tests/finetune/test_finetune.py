@@ -199,3 +199,36 @@ def test_finetune_specs_load() -> None:
     assert story.model.max_seq_len == 65536 == story.train_loader.dataset.max_seq_len
     assert story.model.attn_config.alibi and not story.model.learned_pos_emb
     assert story.load_weights_only and story.model.d_model == 4096
+
+
+def test_finetune_gradient_does_not_depend_on_microbatch_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Microbatches are weighted by their loss tokens: micro batch 1 trains like micro batch 4.
+
+    Packed rows carry different numbers of response tokens, so weighting each microbatch's
+    mean loss by its sample count (Composer's default) would change the gradient.
+    """
+    # Responses of 1..10 words: rows carry very different numbers of loss tokens.
+    records = [
+        {
+            "prompt": f"Question {i}: name some modules.",
+            "response": " ".join(["json os sys"] * (1 + i % 10)),
+        }
+        for i in range(40)
+    ]
+    data = _jsonl(tmp_path / "train.jsonl", records)
+    monkeypatch.chdir(tmp_path)
+    losses = {}
+    for micro in (1, 4):
+        spec = tiny_spec("unused", run_name=f"mb{micro}", max_duration="3ba", seed=3,
+                         device_train_microbatch_size=micro)  # fmt: skip
+        del spec["train_loader"]
+        spec["model"]["attn_config"]["attn_uses_sequence_id"] = True
+        spec["finetune_loader"] = {
+            "dataset": {"path": str(data), "max_seq_len": 32, "shuffle": False}
+        }
+        train(load_config_dict(spec))
+        rows = read_metrics(tmp_path / f"runs/mb{micro}/metrics.jsonl")
+        losses[micro] = [r["loss/train/total"] for r in rows]
+    assert losses[1] == pytest.approx(losses[4], rel=1e-5)
