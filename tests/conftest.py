@@ -8,33 +8,34 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.s3_server import S3Server
+from tests.export.tiny_run import tiny_mds, train_tiny
+from tests.s3_server import S3Server, serving
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-_S3_ENV = ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """A SeaweedFS S3 server on 127.0.0.1 with bucket ``mpt-train``; env points at it."""
-    saved = {k: os.environ.get(k) for k in _S3_ENV}
-    server = S3Server(bucket="mpt-train")
-    server.start()
-    os.environ.update(server.env)
-    try:
+    with serving("mpt-train") as server:
         yield server
-    finally:
-        server.close()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def mds32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small MDS dataset (32-token samples) of the shipped corpus."""
+    return tiny_mds(tmp_path_factory, 32)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory, mds32: Path) -> Path:
+    """One tiny trained checkpoint, shared by the export, eval and fine-tuning tests."""
+    return train_tiny(tmp_path_factory.mktemp("run"), mds32)
 
 
 @pytest.fixture(autouse=True)

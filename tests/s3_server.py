@@ -258,3 +258,29 @@ class S3Server:
             yield
         finally:
             self.start()
+
+
+@contextlib.contextmanager
+def serving(bucket: str) -> Iterator[S3Server]:
+    """A started server whose environment (endpoint, keys) is set for the duration."""
+    saved = {
+        k: os.environ.get(k)
+        for k in (
+            "S3_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+        )
+    }
+    server = S3Server(bucket=bucket)
+    server.start()
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        server.close()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
