@@ -144,6 +144,11 @@ def run_benchmark(
         load_path=None,
         loggers=replace(cfg.loggers, jsonl=None, wandb=None, console=False),
     )
+    if cfg.callbacks.cost_monitor is not None:
+        # A benchmark is not an attempt of the run it borrows the spec (and run name) from:
+        # its steps must not be charged as work lost against that run's ledger, nor vice versa.
+        cost = replace(cfg.callbacks.cost_monitor, ledger=False)
+        cfg = replace(cfg, callbacks=replace(cfg.callbacks, cost_monitor=cost))
     timer = StepTimer()
     trainer = build_trainer(cfg, extra_callbacks=[timer])
     try:

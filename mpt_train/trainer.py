@@ -242,6 +242,10 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
     cfg = replace(cfg, run_name=run_name)
     world = dist.get_world_size()
     precision = _precision(cfg, device)
+    if cfg.model.attn_config.impl == "flash" and precision == "fp32":
+        raise ConfigError(
+            "model.attn_config.impl", "'flash' needs bf16/fp16 activations; use precision amp_bf16"
+        )
     if cfg.device_train_microbatch_size == "auto" and device != "gpu":
         raise ConfigError("device_train_microbatch_size", "'auto' needs a GPU; give an int on CPU")
     validate_run(cfg, world)
