@@ -11,7 +11,7 @@ Usage::
 
     with S3Server(bucket="test") as s3:
         os.environ.update(s3.env)
-        ...  # s3://test/... is now readable and writable
+        run_job()  # s3://test/... is now readable and writable
 """
 
 from __future__ import annotations

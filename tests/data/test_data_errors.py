@@ -164,8 +164,7 @@ def test_corrupt_shard_names_the_shard(converted: Path, tmp_path: Path) -> None:
     shard = _corrupt_first_shard(data)
     loader = build_text_dataloader(_loader(local=str(data)), None, 2)
     with pytest.raises(DataReadError, match=f"cannot read shard {shard}: ValueError: Checksum"):
-        for _ in loader:
-            pass
+        list(loader)
 
 
 def test_truncated_shard_names_the_shard(converted: Path, tmp_path: Path) -> None:
@@ -175,8 +174,7 @@ def test_truncated_shard_names_the_shard(converted: Path, tmp_path: Path) -> Non
     shard.write_bytes(shard.read_bytes()[:100])
     loader = build_text_dataloader(_loader(local=str(data), validate_hash=None), None, 2)
     with pytest.raises(DataReadError, match=f"cannot read shard {shard}: Error: Decompression"):
-        for _ in loader:
-            pass
+        list(loader)
 
 
 def test_datasets_without_hashes_still_load(small_corpus, tmp_path: Path, caplog) -> None:
