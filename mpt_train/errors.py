@@ -6,7 +6,7 @@ offending key (``train_loader.dataset.max_seq_len``), the bad value and what was
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "RunFailure"]
+__all__ = ["ConfigError", "RunFailure", "check_choice"]
 
 
 class ConfigError(ValueError):
@@ -23,6 +23,12 @@ class ConfigError(ValueError):
             return self
         key = f"{prefix}.{self.key}" if self.key else prefix
         return ConfigError(key, self.msg)
+
+
+def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Raise a ConfigError naming ``key`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ConfigError(key, f"got {value!r}, expected one of: {', '.join(allowed)}")
 
 
 class RunFailure(RuntimeError):

@@ -14,7 +14,7 @@ from typing import Any
 
 from mpt_train.data.config import TextLoaderConfig
 from mpt_train.data.finetune import FinetuneLoaderConfig
-from mpt_train.errors import ConfigError
+from mpt_train.errors import ConfigError, check_choice
 from mpt_train.eval.icl import ICLTaskConfig
 from mpt_train.model.config import MPTConfig
 from mpt_train.reliability.config import ReliabilityConfig
@@ -39,12 +39,6 @@ __all__ = [
 ]
 
 TIME_UNITS = ("ba", "tok", "ep", "sp", "dur")
-
-
-def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    """Raise a ConfigError naming ``key`` unless ``value`` is one of ``allowed``."""
-    if value not in allowed:
-        raise ConfigError(key, f"got {value!r}, expected one of {', '.join(map(repr, allowed))}")
 
 
 def check_time(key: str, value: str, units: tuple[str, ...] = TIME_UNITS) -> None:

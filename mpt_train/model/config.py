@@ -12,7 +12,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from mpt_train.errors import ConfigError
+from mpt_train.errors import ConfigError, check_choice
 
 __all__ = [
     "ATTN_IMPLS",
@@ -31,11 +31,6 @@ NORM_TYPES = ("low_precision_layernorm", "layernorm", "rmsnorm")
 INIT_DEVICES = ("cpu", "meta")
 INIT_NAMES = ("kaiming_normal", "normal")
 FAN_MODES = ("fan_in", "fan_out")
-
-
-def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(key, f"got {value!r}, allowed values: {', '.join(allowed)}")
 
 
 def _check_prob(key: str, value: float) -> None:
@@ -65,7 +60,7 @@ class AttentionConfig:
     attn_uses_sequence_id: bool = False
 
     def __post_init__(self) -> None:
-        _check_choice("impl", self.impl, ATTN_IMPLS)
+        check_choice("impl", self.impl, ATTN_IMPLS)
         if self.alibi_bias_max <= 0:
             raise ConfigError("alibi_bias_max", f"got {self.alibi_bias_max}, must be > 0")
         if self.clip_qkv is not None and self.clip_qkv <= 0:
@@ -107,8 +102,8 @@ class InitConfig:
     init_div_is_residual: bool = True
 
     def __post_init__(self) -> None:
-        _check_choice("name", self.name, INIT_NAMES)
-        _check_choice("fan_mode", self.fan_mode, FAN_MODES)
+        check_choice("name", self.name, INIT_NAMES)
+        check_choice("fan_mode", self.fan_mode, FAN_MODES)
         if self.name == "normal" and (self.init_std is None or self.init_std <= 0):
             raise ConfigError("init_std", f"got {self.init_std}, name 'normal' needs a std > 0")
         if self.emb_init_std is not None and self.emb_init_std <= 0:
@@ -164,8 +159,8 @@ class MPTConfig:
                 f"got {kv}, must divide n_heads ({self.n_heads}): allowed values "
                 f"{[h for h in range(1, self.n_heads + 1) if self.n_heads % h == 0]}",
             )
-        _check_choice("norm_type", self.norm_type, NORM_TYPES)
-        _check_choice("init_device", self.init_device, INIT_DEVICES)
+        check_choice("norm_type", self.norm_type, NORM_TYPES)
+        check_choice("init_device", self.init_device, INIT_DEVICES)
         if self.norm_eps <= 0:
             raise ConfigError("norm_eps", f"got {self.norm_eps}, must be > 0")
         if self.learned_pos_emb and self.attn_config.alibi:

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mpt_train.errors import ConfigError
+from mpt_train.errors import ConfigError, check_choice
 
 __all__ = ["GUARD_ACTIONS", "LossGuardConfig", "ReliabilityConfig"]
 
 GUARD_ACTIONS = ("stop", "skip", "warn", "off")
-
-
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(key, f"got {value!r}, expected one of {', '.join(map(repr, allowed))}")
 
 
 @dataclass
@@ -42,8 +37,8 @@ class LossGuardConfig:
     max_consecutive_skips: int = 5
 
     def __post_init__(self) -> None:
-        _choice("on_nonfinite", self.on_nonfinite, GUARD_ACTIONS)
-        _choice("on_spike", self.on_spike, GUARD_ACTIONS)
+        check_choice("on_nonfinite", self.on_nonfinite, GUARD_ACTIONS)
+        check_choice("on_spike", self.on_spike, GUARD_ACTIONS)
         if not self.spike_factor > 1.0:
             raise ConfigError("spike_factor", f"got {self.spike_factor}, expected > 1")
         if self.window < 1:
@@ -91,7 +86,7 @@ class ReliabilityConfig:
     def __post_init__(self) -> None:
         if self.s3_max_attempts < 1:
             raise ConfigError("s3_max_attempts", f"got {self.s3_max_attempts}, expected >= 1")
-        _choice("on_corrupt_checkpoint", self.on_corrupt_checkpoint, ("fail", "fallback"))
+        check_choice("on_corrupt_checkpoint", self.on_corrupt_checkpoint, ("fail", "fallback"))
         if self.min_free_space_factor < 0:
             raise ConfigError(
                 "min_free_space_factor", f"got {self.min_free_space_factor}, expected >= 0"

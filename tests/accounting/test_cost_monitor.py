@@ -106,8 +106,8 @@ def monitor(tmp_path: Path, clock: FakeClock, **kw: object) -> CostMonitor:
 
 @pytest.fixture
 def eight_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Composer's dist reads WORLD_SIZE when no process group is up."""
-    monkeypatch.setenv("WORLD_SIZE", "8")
+    """Eight ranks, whether or not an earlier test has a (one-rank) process group up."""
+    monkeypatch.setattr("composer.utils.dist.get_world_size", lambda: 8)
 
 
 def test_fresh_run_counts_gpu_hours_dollars_and_projects_the_end(
