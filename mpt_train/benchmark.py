@@ -32,6 +32,7 @@ from composer.utils import dist
 from mpt_train.accounting import detect_gpu_type, get_gpu, hfu_from_mfu, shape_model
 from mpt_train.config import ConfigError, RunConfig, load_config
 from mpt_train.config.schema import train_seq_len
+from mpt_train.data.config import TextLoaderConfig
 
 __all__ = ["BenchmarkRow", "StepTimer", "format_row", "main", "run_benchmark"]
 
@@ -74,6 +75,7 @@ class BenchmarkRow:
     sharding: str
     activation_checkpointing: bool
     steps_timed: int
+    data: str = "synthetic"
 
 
 COLUMNS = (
@@ -121,8 +123,15 @@ def run_benchmark(
     peak_flops: float | None = None,
     gpu_type: str | None = None,
     name: str = "",
+    synthetic: bool = True,
 ) -> BenchmarkRow:
-    """Run ``steps`` steps of ``cfg`` through the real trainer and measure the last ones."""
+    """Run ``steps`` steps of ``cfg`` through the real trainer and measure the last ones.
+
+    ``synthetic`` (default) swaps the spec's data for random ids of the same shape (see
+    :mod:`mpt_train.data.synthetic`): the figures are the model's and the trainer's, with no
+    bucket, cache or tokenizer needed. ``synthetic=False`` reads the spec's own data, to see
+    whether the loader keeps up.
+    """
     from dataclasses import replace
 
     from mpt_train.trainer import build_trainer
@@ -133,6 +142,25 @@ def run_benchmark(
         )
     if steps <= warmup:
         raise ConfigError("steps", f"got {steps}, must exceed warmup ({warmup})")
+    if synthetic:
+        loader = cfg.train_loader or TextLoaderConfig()
+        cfg = replace(
+            cfg,
+            train_loader=replace(
+                loader,
+                name="synthetic",
+                num_workers=0,
+                dataset=replace(
+                    loader.dataset,
+                    remote=None,
+                    local=None,
+                    streams=None,
+                    max_seq_len=train_seq_len(cfg),
+                ),
+            ),
+            finetune_loader=None,
+            icl_tasks=[],
+        )
     cfg = replace(
         cfg,
         max_duration=f"{steps}ba",
@@ -164,7 +192,7 @@ def run_benchmark(
     gpu_type = gpu_type or detect_gpu_type()
     if peak_flops is None and gpu_type is not None:
         peak_flops = get_gpu(gpu_type).peak_flops
-    ac = bool(cfg.fsdp and cfg.fsdp.activation_checkpointing and world > 1)
+    ac = bool(cfg.fsdp and cfg.fsdp.activation_checkpointing)  # applied with or without FSDP
     mfu = flops / dt / world / peak_flops if peak_flops and flops else None
     per_rank = cfg.global_train_batch_size // world
     micro = cfg.device_train_microbatch_size
@@ -190,6 +218,7 @@ def run_benchmark(
         sharding=sharding,
         activation_checkpointing=ac,
         steps_timed=len(timer.marks) - warmup,
+        data="synthetic" if synthetic else "spec",
     )
 
 
@@ -202,6 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--peak-flops", type=float, default=None, help="per-device peak FLOP/s")
     parser.add_argument("--gpu", default=None, help="GPU type for the peak (default: detected)")
     parser.add_argument("--json", action="store_true", help="one JSON object")
+    parser.add_argument("--name", default=None, help="the row's Model column (default: spec name)")
+    parser.add_argument(
+        "--real-data",
+        action="store_true",
+        help="read the spec's train_loader instead of synthetic batches of the same shape",
+    )
     args = parser.parse_intermixed_args(argv)
     from mpt_train.cli import setup_logging
 
@@ -210,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.spec, args.overrides)
         row = run_benchmark(
             cfg, steps=args.steps, warmup=args.warmup, peak_flops=args.peak_flops,
-            gpu_type=args.gpu, name=Path(args.spec).stem,
+            gpu_type=args.gpu, name=args.name or Path(args.spec).stem, synthetic=not args.real_data,
         )  # fmt: skip
     except ConfigError as e:
         print(f"error in run spec {args.spec}: {e}", file=sys.stderr)
@@ -219,3 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out: Any = json.dumps(asdict(row)) if args.json else format_row(row)
         print(out, flush=True)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

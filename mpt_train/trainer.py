@@ -33,6 +33,7 @@ from mpt_train.config.validate import device_train_batch_size, validate_run
 from mpt_train.data import build_text_dataloader, load_tokenizer
 from mpt_train.data.config import TextLoaderConfig
 from mpt_train.data.finetune import FinetuneLoaderConfig, build_finetune_dataloader
+from mpt_train.data.synthetic import build_synthetic_dataloader
 from mpt_train.errors import ConfigError
 from mpt_train.eval.callback import ICLEvalCallback
 from mpt_train.loggers import ConsoleLine, JsonlLogger
@@ -158,11 +159,32 @@ def _token_counts(batch: dict[str, Any]) -> dict[str, int]:
     return {"total": total, "loss_generating": int((shift_labels(batch) != IGNORE_INDEX).sum())}
 
 
+def _pretrain_token_counts(batch: dict[str, Any]) -> dict[str, int]:
+    """:func:`_token_counts` of a pretraining batch, read off its shape.
+
+    Text and synthetic batches are all data, and every position but the last has a target.
+    Counting from shapes keeps each microbatch from waiting on a device-to-host copy (Composer
+    asks for these counts at every microbatch, before its forward pass).
+    """
+    bsz, seq_len = batch["input_ids"].shape[:2]
+    return {"total": bsz * seq_len, "loss_generating": bsz * (seq_len - 1)}
+
+
 def _dataloader(
-    loader: TextLoaderConfig, tokenizer: Any, batch_size: int, seq_id: bool
+    loader: TextLoaderConfig, tokenizer: Any, batch_size: int, seq_id: bool, vocab_size: int
 ) -> DataSpec:
-    dl = build_text_dataloader(loader, tokenizer, batch_size, emit_sequence_id=seq_id)
-    return DataSpec(dl, get_num_tokens_in_batch=_token_counts)
+    if loader.name == "synthetic":
+        dl = build_synthetic_dataloader(loader, vocab_size, batch_size, emit_sequence_id=seq_id)
+    else:
+        dl = build_text_dataloader(loader, tokenizer, batch_size, emit_sequence_id=seq_id)
+    return DataSpec(dl, get_num_tokens_in_batch=_pretrain_token_counts)
+
+
+def _needs_tokenizer(cfg: RunConfig) -> bool:
+    """Real data and ICL need the tokenizer; synthetic batches do not (nothing to download)."""
+    loaders = [cfg.train_loader, cfg.eval_loader, *cfg.eval_loaders.values()]
+    real = any(lo is not None and lo.name != "synthetic" for lo in loaders)
+    return real or cfg.finetune_loader is not None or bool(cfg.icl_tasks)
 
 
 def _finetune_dataloader(loader: FinetuneLoaderConfig, tokenizer: Any, batch_size: int) -> DataSpec:
@@ -196,9 +218,7 @@ def _loggers(cfg: RunConfig, run_name: str) -> list[LoggerDestination]:
     return out
 
 
-def _callbacks(
-    cfg: RunConfig, spec: dict[str, Any], run_dir: Path, parallelism: dict[str, Any] | None
-) -> list[Callback]:
+def _callbacks(cfg: RunConfig, spec: dict[str, Any], run_dir: Path) -> list[Callback]:
     cc = cfg.callbacks
     out: list[Callback] = [RunSpecRecorder(spec, run_dir)]
     if cc.speed_monitor is not None:
@@ -220,10 +240,8 @@ def _callbacks(
                 gpu_type=cfg.cost.gpu_type,
                 price_per_gpu_hour=cfg.cost.price_per_gpu_hour,
                 peak_flops=cc.speed_monitor.gpu_flops_available if cc.speed_monitor else None,
-                # activation checkpointing is applied through FSDP2 only
-                activation_checkpointing=bool(
-                    parallelism and cfg.fsdp and cfg.fsdp.activation_checkpointing
-                ),
+                # applied through FSDP2, or directly to the blocks without sharding
+                activation_checkpointing=bool(cfg.fsdp and cfg.fsdp.activation_checkpointing),
                 log_interval=cc.cost_monitor.log_interval,
                 ledger_path=str(run_dir / "cost_ledger.json") if cc.cost_monitor.ledger else None,
             )
@@ -268,8 +286,10 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
 
     # Composer seeds after the model is built: seed first so fresh runs are reproducible.
     reproducibility.seed_all(cfg.seed)
-    tokenizer = load_tokenizer(cfg.tokenizer.name, **cfg.tokenizer.kwargs)
-    if len(tokenizer) > cfg.model.vocab_size:
+    tokenizer = None
+    if _needs_tokenizer(cfg):
+        tokenizer = load_tokenizer(cfg.tokenizer.name, **cfg.tokenizer.kwargs)
+    if tokenizer is not None and len(tokenizer) > cfg.model.vocab_size:
         raise ConfigError(
             "model.vocab_size",
             f"{cfg.model.vocab_size} is smaller than tokenizer {cfg.tokenizer.name!r} "
@@ -303,14 +323,16 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
     if cfg.finetune_loader is not None:
         train_dl = _finetune_dataloader(cfg.finetune_loader, tokenizer, per_rank)
     else:
-        train_dl = _dataloader(cfg.train_loader, tokenizer, per_rank, seq_id)
+        train_dl = _dataloader(cfg.train_loader, tokenizer, per_rank, seq_id, cfg.model.vocab_size)
     eval_loaders = dict(cfg.eval_loaders)
     if cfg.eval_loader is not None:
         eval_loaders = {"eval": cfg.eval_loader, **eval_loaders}
     evaluators = [
         Evaluator(
             label=label,
-            dataloader=_dataloader(loader, tokenizer, cfg.device_eval_batch_size, seq_id),
+            dataloader=_dataloader(
+                loader, tokenizer, cfg.device_eval_batch_size, seq_id, cfg.model.vocab_size
+            ),
             metric_names=["LanguageCrossEntropy", "LanguagePerplexity"],
         )
         for label, loader in eval_loaders.items()
@@ -326,7 +348,7 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
             )
         )
     run_dir = Path("runs") / run_name
-    callbacks = _callbacks(cfg, spec, run_dir, parallelism)
+    callbacks = _callbacks(cfg, spec, run_dir)
     callbacks += reliability_callbacks(rel, cfg.save_folder, run_dir)
     if cfg.icl_tasks:
         callbacks.append(ICLEvalCallback(cfg.icl_tasks, tokenizer, cfg.eval_interval))

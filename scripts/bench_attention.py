@@ -56,7 +56,9 @@ def time_fwd_bwd(
     return sorted(times)[len(times) // 2]
 
 
-def kernels(heads: int, scale: float, device: torch.device) -> dict[str, Kernel]:
+def kernels(
+    heads: int, scale: float, device: torch.device, flex_modes: tuple[str, ...] = ()
+) -> dict[str, Kernel]:
     slopes = alibi_slopes(heads, device=device)
     rows: dict[str, Kernel] = {
         "torch+alibi": lambda q, k, v: attend(
@@ -73,6 +75,16 @@ def kernels(heads: int, scale: float, device: torch.device) -> dict[str, Kernel]
             q, k, v, slopes_H=slopes, softmax_scale=scale, compiled=False
         ),
     }
+    for mode in flex_modes:
+        # As inside a per-block compiled model: the surrounding compile's mode decides the
+        # FlexAttention kernel (max-autotune searches its block sizes; compile.mode in a spec).
+        rows[f"flex+alibi {mode}"] = torch.compile(
+            lambda q, k, v: flex_attend(
+                q, k, v, slopes_H=slopes, softmax_scale=scale, compiled=False
+            ),
+            mode=mode,
+            dynamic=False,
+        )
     try:
         check_attention_impl("flash")
         rows["flash+alibi"] = lambda q, k, v: attend(
@@ -93,6 +105,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument(
+        "--flex-modes",
+        nargs="*",
+        default=[],
+        help="extra compiled-FlexAttention rows, one per torch.compile mode "
+        "(e.g. max-autotune-no-cudagraphs); GPU only",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
@@ -112,13 +131,20 @@ def main(argv: list[str] | None = None) -> None:
         f"median of {args.iters} fwd+bwd after {args.warmup} warmup"
     )
 
-    rows = kernels(args.heads, scale, device)
+    rows = kernels(args.heads, scale, device, tuple(args.flex_modes))
     with torch.no_grad():
         ref = rows["torch+alibi"](q, k, v).float()
     results: dict[str, float | str] = {}
     for name, fn in rows.items():
         if name == "flex+alibi eager" and device.type == "cuda":
             continue  # the compiled row is the GPU path; eager materialises S x S scores
+        if (
+            name.startswith("flex+alibi ")
+            and name[11:] in args.flex_modes
+            and device.type != "cuda"
+        ):
+            results[name] = "n/a: compiled FlexAttention needs CUDA here"
+            continue
         try:
             with torch.no_grad():
                 out = fn(q, k, v).float()

@@ -69,6 +69,8 @@ def _check_loader(key: str, loader: TextLoaderConfig, cfg: RunConfig, training: 
             f"{key}.dataset.max_seq_len",
             f"{ds.max_seq_len} is above the model's max_seq_len {model_len}{why}",
         )
+    if loader.name == "synthetic":
+        return  # no sources to check: ids are generated in the training process
     if ds.streams:
         for name, stream in ds.streams.items():
             _check_source(

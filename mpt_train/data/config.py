@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mpt_train.errors import ConfigError
+from mpt_train.errors import ConfigError, check_choice
 
 __all__ = [
+    "LOADER_KINDS",
     "SAMPLING_METHODS",
     "SHUFFLE_ALGOS",
     "StreamConfig",
@@ -25,6 +26,8 @@ __all__ = [
     "TextLoaderConfig",
 ]
 
+#: ``train_loader.name`` values.
+LOADER_KINDS = ("text", "synthetic")
 #: Shuffle algorithms streaming 0.13 implements (``streaming.base.shuffle.algos``).
 SHUFFLE_ALGOS = ("py1b", "py1br", "py1e", "py1s", "py2s", "naive")
 #: ``sampling_method`` values streaming accepts.
@@ -172,7 +175,9 @@ class TextLoaderConfig:
     """A ``train_loader``/``eval_loader`` section: dataset plus ``torch`` DataLoader knobs.
 
     Attributes:
-        name: Loader kind; only ``"text"`` (tokenized MDS shards) exists.
+        name: ``"text"`` (tokenized MDS shards) or ``"synthetic"`` (uniform random ids of
+            ``dataset.max_seq_len``, no files and no tokenizer: benchmarks and smoke tests;
+            see :mod:`mpt_train.data.synthetic`).
         dataset: The streaming dataset section.
         drop_last: Drop the last incomplete batch (keeps every batch the same shape).
         num_workers: DataLoader worker processes (0 = load in the training process).
@@ -192,8 +197,7 @@ class TextLoaderConfig:
     timeout: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.name != "text":
-            raise ConfigError("name", f"only 'text' loaders exist, got {self.name!r}")
+        check_choice("name", self.name, LOADER_KINDS)
         if self.num_workers < 0:
             raise ConfigError("num_workers", f"must be >= 0, got {self.num_workers}")
         if self.prefetch_factor is not None and self.prefetch_factor < 1:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +25,18 @@ from torch import nn
 from mpt_train.errors import ConfigError
 from mpt_train.model.alibi import alibi_bias
 from mpt_train.model.config import MPTConfig
-from mpt_train.model.flex import flex_attend, flex_attention_available
+from mpt_train.model.flex import BlockMask, flex_attend, flex_attention_available, flex_block_mask
 from mpt_train.model.norm import build_norm
 
-__all__ = ["KVCache", "MPTAttention", "attend", "check_attention_impl"]
+__all__ = [
+    "AttnMask",
+    "KVCache",
+    "MPTAttention",
+    "attend",
+    "check_attention_impl",
+    "sdpa_mask",
+    "shared_mask",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -103,21 +110,28 @@ def _sdpa_attend(
     scale: float,
     seq_id_BS: torch.Tensor | None,
     dropout_p: float,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     q_len, k_len = q.shape[2], k.shape[2]
-    if slopes_H is None and seq_id_BS is None and q_len in (1, k_len):
+    if _plain_causal(slopes_H, seq_id_BS, q_len, k_len):
         # Pure causal: let SDPA pick its flash/efficient kernels (a single query sees all keys).
         return F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout_p, is_causal=q_len > 1, scale=scale
         )
-    mask = _sdpa_mask(slopes_H, q_len, k_len, seq_id_BS, q.dtype, q.device)
+    if mask is None:
+        mask = sdpa_mask(slopes_H, q_len, k_len, seq_id_BS, q.dtype, q.device)
+    elif mask.is_floating_point() and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)  # SDPA needs them equal; the model builds it in q's dtype
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
-_mask_cache: list[tuple[tuple, torch.Tensor]] = []
+def _plain_causal(
+    slopes_H: torch.Tensor | None, seq_id_BS: torch.Tensor | None, q_len: int, k_len: int
+) -> bool:
+    return slopes_H is None and seq_id_BS is None and q_len in (1, k_len)
 
 
-def _sdpa_mask(
+def sdpa_mask(
     slopes_H: torch.Tensor | None,
     q_len: int,
     k_len: int,
@@ -125,37 +139,38 @@ def _sdpa_mask(
     dtype: torch.dtype,
     device: torch.device,
 ) -> torch.Tensor:
-    """ALiBi + causal (+ document) mask, built once per forward and shared by every layer.
-
-    SDPA saves its mask for backward: built per layer, a model would hold ``n_layers`` copies
-    of an ``[H, S, S]`` tensor (MPT-7B at 2k tokens: 32 x 268 MB in bf16). The model passes
-    the same ``slopes_H`` and ``seq_id_BS`` objects to every layer, so the cache is keyed on
-    those objects (weak references: a new batch never matches a freed tensor's id).
-    """
-    compiling = torch.compiler.is_compiling()  # traced code keeps no Python-side state
-    key = (q_len, k_len, dtype, device)
-    for (k_key, slopes_ref, seq_ref), mask in _mask_cache:
-        if compiling:
-            break
-        if k_key == key and _same(slopes_ref, slopes_H) and _same(seq_ref, seq_id_BS):
-            return mask
+    """Additive ALiBi + causal (+ document) mask ``[B|1, H|1, Q, K]`` for SDPA."""
     keep = _keep_mask(q_len, k_len, seq_id_BS, device)
     if slopes_H is None:
-        mask = keep
-    else:
-        bias_HQK = alibi_bias(slopes_H, q_len, k_len, k_len - q_len).to(dtype)
-        mask = bias_HQK[None].masked_fill(~keep, float("-inf"))
-    if not compiling:
-        _mask_cache[:] = [((key, _ref(slopes_H), _ref(seq_id_BS)), mask)]
-    return mask
+        return keep
+    bias_HQK = alibi_bias(slopes_H, q_len, k_len, k_len - q_len).to(dtype)
+    return bias_HQK[None].masked_fill(~keep, float("-inf"))
 
 
-def _ref(t: torch.Tensor | None) -> weakref.ref | None:
-    return None if t is None else weakref.ref(t)
+AttnMask = torch.Tensor | BlockMask | None
 
 
-def _same(ref: weakref.ref | None, t: torch.Tensor | None) -> bool:
-    return (ref is None and t is None) or (ref is not None and t is not None and ref() is t)
+def shared_mask(
+    impl: str,
+    slopes_H: torch.Tensor | None,
+    q_len: int,
+    k_len: int,
+    seq_id_BS: torch.Tensor | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> AttnMask:
+    """The mask every layer of one forward uses, built once by the model, outside the blocks.
+
+    Built per layer, SDPA would save ``n_layers`` copies of an ``[H, S, S]`` mask for backward
+    (MPT-7B at 2k tokens: 32 x 268 MB in bf16), and a compiled block would rebuild it (or a
+    FlexAttention block mask) in every layer. ``None`` where the kernel needs no mask tensor
+    (flash, pure causal SDPA) or builds its own (the ``torch`` reference).
+    """
+    if impl == "flex" and q_len == k_len:
+        return flex_block_mask(q_len, seq_id_BS, device)
+    if impl in ("sdpa", "flex") and not _plain_causal(slopes_H, seq_id_BS, q_len, k_len):
+        return sdpa_mask(slopes_H, q_len, k_len, seq_id_BS, dtype, device)
+    return None
 
 
 def _flash_attend(
@@ -191,10 +206,13 @@ def attend(
     softmax_scale: float,
     seq_id_BS: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    mask: AttnMask = None,
 ) -> torch.Tensor:
     """Causal attention of Q queries over K >= Q keys with the chosen kernel -> ``[B,H,Q,D]``.
 
     ``seq_id_BS`` (document ids over the K key positions) restricts attention to one document.
+    ``mask`` is :func:`shared_mask` for these arguments when the caller has it (built here
+    otherwise).
     """
     n_heads, q_len, k_len = q_BHQD.shape[1], q_BHQD.shape[2], k_BGKD.shape[2]
     if impl == "flash":
@@ -207,12 +225,15 @@ def attend(
             slopes_H=slopes_H,
             softmax_scale=softmax_scale,
             seq_id_BS=seq_id_BS,
+            block_mask=mask,
         )
     k_BHKD, v_BHKD = _repeat_kv(k_BGKD, n_heads), _repeat_kv(v_BGKD, n_heads)
     if impl == "torch":
         return _torch_attend(q_BHQD, k_BHKD, v_BHKD, slopes_H, softmax_scale, seq_id_BS, dropout_p)
     if impl in ("sdpa", "flex"):  # flex decode steps (Q < K) would recompile per step
-        return _sdpa_attend(q_BHQD, k_BHKD, v_BHKD, slopes_H, softmax_scale, seq_id_BS, dropout_p)
+        return _sdpa_attend(
+            q_BHQD, k_BHKD, v_BHKD, slopes_H, softmax_scale, seq_id_BS, dropout_p, mask
+        )
     raise ValueError(f"unknown attention impl {impl!r}")  # AttentionConfig validates earlier
 
 
@@ -244,6 +265,7 @@ class MPTAttention(nn.Module):
         slopes_H: torch.Tensor | None,
         seq_id_BS: torch.Tensor | None = None,
         past_kv: KVCache | None = None,
+        mask: AttnMask = None,
     ) -> tuple[torch.Tensor, KVCache]:
         """Return the attention output ``[B,S,M]`` and this layer's updated (k, v) cache."""
         batch, seq_len, d_model = x_BSM.shape
@@ -270,6 +292,7 @@ class MPTAttention(nn.Module):
             softmax_scale=self.softmax_scale,
             seq_id_BS=seq_id_BS,
             dropout_p=self.attn_pdrop if self.training else 0.0,
+            mask=mask,
         )
         out_BSM = out_BHSD.transpose(1, 2).reshape(batch, seq_len, d_model)
         return self.out_proj(out_BSM), (k_BGSD, v_BGSD)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpt_train.model.attention import KVCache, MPTAttention
+from mpt_train.model.attention import AttnMask, KVCache, MPTAttention
 from mpt_train.model.config import MPTConfig
 from mpt_train.model.norm import build_norm
 
@@ -53,9 +53,13 @@ class MPTBlock(nn.Module):
         slopes_H: torch.Tensor | None = None,
         seq_id_BS: torch.Tensor | None = None,
         past_kv: KVCache | None = None,
+        mask: AttnMask = None,
     ) -> tuple[torch.Tensor, KVCache]:
-        """Return the block output ``[B,S,M]`` and the layer's updated KV cache."""
-        attn_BSM, kv = self.attn(self.norm_1(x_BSM), slopes_H, seq_id_BS, past_kv)
+        """Return the block output ``[B,S,M]`` and the layer's updated KV cache.
+
+        ``mask`` is the attention mask the model built once for all its blocks.
+        """
+        attn_BSM, kv = self.attn(self.norm_1(x_BSM), slopes_H, seq_id_BS, past_kv, mask)
         x_BSM = x_BSM + self.resid_attn_dropout(attn_BSM)
         x_BSM = x_BSM + self.resid_ffn_dropout(self.ffn(self.norm_2(x_BSM)))
         return x_BSM, kv

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["flex_attend", "flex_attention_available"]
+__all__ = ["BlockMask", "flex_attend", "flex_attention_available", "flex_block_mask"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,9 @@ try:  # torch >= 2.5
     _FLEX_IMPORT_ERROR: str | None = None
 except ImportError as err:  # pragma: no cover - depends on the torch build
     _FLEX_IMPORT_ERROR = str(err)
+
+    class BlockMask:  # type: ignore[no-redef]
+        """Placeholder: 'flex' is refused at build time on this torch."""
 
 
 def flex_attention_available() -> str | None:
@@ -71,6 +74,15 @@ def _document_block_mask(seq_id_BS: torch.Tensor) -> BlockMask:
     )
 
 
+def flex_block_mask(
+    seq_len: int, seq_id_BS: torch.Tensor | None, device: torch.device
+) -> BlockMask:
+    """Causal (and, with ``seq_id_BS``, same-document) block mask over ``seq_len`` tokens."""
+    if seq_id_BS is None:
+        return _causal_block_mask(seq_len, device)
+    return _document_block_mask(seq_id_BS)
+
+
 def flex_attend(
     q_BHQD: torch.Tensor,
     k_BGKD: torch.Tensor,
@@ -80,20 +92,21 @@ def flex_attend(
     softmax_scale: float,
     seq_id_BS: torch.Tensor | None = None,
     compiled: bool | None = None,
+    block_mask: BlockMask | None = None,
 ) -> torch.Tensor:
     """Causal self-attention (Q == K) with optional ALiBi and document masking.
 
     ``compiled`` forces the compiled (True) or eager (False) kernel; None compiles on CUDA only.
+    ``block_mask`` is :func:`flex_block_mask` of this call's arguments, when the caller built it
+    once for all layers.
 
     Incremental decoding (Q < K) is not routed here: each step would be a new static shape,
     i.e. a recompilation; the caller uses SDPA with the same bias for those steps.
     """
     q_len, k_len = q_BHQD.shape[2], k_BGKD.shape[2]
     assert q_len == k_len, "flex_attend is for full sequences; decode steps use sdpa"
-    if seq_id_BS is None:
-        block_mask = _causal_block_mask(q_len, q_BHQD.device)
-    else:
-        block_mask = _document_block_mask(seq_id_BS)
+    if block_mask is None:
+        block_mask = flex_block_mask(q_len, seq_id_BS, q_BHQD.device)
 
     score_mod = None
     if slopes_H is not None:

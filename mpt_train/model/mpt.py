@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpt_train.model.alibi import alibi_slopes
-from mpt_train.model.attention import KVCache
+from mpt_train.model.attention import KVCache, shared_mask
 from mpt_train.model.block import MPTBlock
 from mpt_train.model.config import MPTConfig
 from mpt_train.model.loss import lm_loss
@@ -25,6 +25,13 @@ from mpt_train.model.norm import build_norm
 __all__ = ["MPTModel"]
 
 logger = logging.getLogger(__name__)
+
+
+def _attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype queries will have: autocast's when it is on, else the activations'."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class MPTModel(nn.Module):
@@ -39,6 +46,7 @@ class MPTModel(nn.Module):
         self.blocks = nn.ModuleList(MPTBlock(cfg) for _ in range(cfg.n_layers))
         self.norm_f = build_norm(cfg.norm_type, cfg.d_model, cfg.norm_eps, not cfg.no_bias)
         self._warned_sequence_id = False
+        self._flops_params: int | None = None
 
     def alibi_slopes(self, device: torch.device) -> torch.Tensor | None:
         """ALiBi slopes ``[H]``, recomputed (cheap, meta-safe) rather than stored as a buffer."""
@@ -106,10 +114,19 @@ class MPTModel(nn.Module):
         x_BSM = self.emb_drop(x_BSM)
 
         slopes_H = self.alibi_slopes(x_BSM.device)
+        mask = shared_mask(
+            self.cfg.attn_config.impl,
+            slopes_H,
+            seq_len,
+            past_len + seq_len,
+            sequence_id,
+            _attention_dtype(x_BSM),
+            x_BSM.device,
+        )
         new_cache: list[KVCache] = []
         for i, block in enumerate(self.blocks):
             layer_past = None if past_key_values is None else past_key_values[i]
-            x_BSM, kv = block(x_BSM, slopes_H, sequence_id, layer_past)
+            x_BSM, kv = block(x_BSM, slopes_H, sequence_id, layer_past, mask)
             if use_cache:
                 new_cache.append(kv)
         x_BSM = self.norm_f(x_BSM)
@@ -137,4 +154,6 @@ class MPTModel(nn.Module):
         """
         tokens = batch_size * seq_len
         attn = 12 * self.cfg.n_layers * self.cfg.d_model * seq_len * tokens
-        return 6 * self.num_params() * tokens + attn
+        if self._flops_params is None:  # fixed once built; callbacks ask every step
+            self._flops_params = self.num_params()
+        return 6 * self._flops_params * tokens + attn

@@ -78,12 +78,15 @@ class LossGuard(Callback):
     def after_train_batch(self, state: State, logger: Logger) -> None:
         if not self._micro:
             return
-        local = torch.stack(self._micro)
+        local = torch.stack(self._micro).double()
         finite = torch.isfinite(local)
-        stats = torch.tensor(
-            [float((~finite).sum()), float(local[finite].sum()), float(len(self._micro))],
-            dtype=torch.float64,
-            device=local.device,
+        # Built on the device: one device-to-host copy per step (.tolist below), not three.
+        stats = torch.stack(
+            [
+                (~finite).sum().double(),
+                torch.where(finite, local, 0.0).sum(),
+                local.new_tensor(len(local)),
+            ]
         )
         dist.all_reduce(stats, reduce_operation="SUM")
         nonfinite, total, count = (float(x) for x in stats.tolist())

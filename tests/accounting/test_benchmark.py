@@ -50,7 +50,7 @@ def test_cpu_benchmark_through_the_trainer_with_a_nominal_peak(
         sys.executable, str(REPO / "scripts" / "benchmark.py"), str(REPO / "yamls/quickstart.yaml"),
         f"variables.data={sweep_mds}", f"variables.max_seq_len={SEQ}", "model.n_layers=2",
         "global_train_batch_size=4", "--steps", "5", "--warmup", "2", "--peak-flops", "1e11",
-        "--json",
+        "--json", "--real-data",
     ]  # fmt: skip
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -59,5 +59,86 @@ def test_cpu_benchmark_through_the_trainer_with_a_nominal_peak(
     assert row["global_batch"] == 4 and row["micro_batch"] == 4 and row["steps_timed"] == 3
     assert row["tokens_per_sec"] > 0 and row["tokens_per_sec"] == row["tokens_per_sec_per_gpu"]
     assert 0 < row["mfu"] < 1 and row["hfu"] == row["mfu"]  # no activation checkpointing
-    assert row["precision"] == "fp32" and row["sharding"] == "none"
+    assert row["precision"] == "fp32" and row["sharding"] == "none" and row["data"] == "spec"
     assert not (tmp_path / "runs").exists() or not list(tmp_path.glob("runs/*/metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_benchmark_of_a_shipped_pretraining_spec_needs_no_data_or_tokenizer(
+    tmp_path: Path,
+) -> None:
+    """``benchmark.py yamls/mpt-125m.yaml`` runs where the bucket and the hub are unreachable
+    (a fresh GPU node): synthetic batches of the spec's shape replace its data."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled",
+           "HF_HUB_OFFLINE": "1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}  # fmt: skip
+    cmd = [
+        sys.executable, str(REPO / "scripts" / "benchmark.py"), str(REPO / "yamls/mpt-125m.yaml"),
+        "precision=fp32", "compile.enabled=false", "model.attn_config.impl=sdpa",
+        "model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.vocab_size=512",
+        "variables.max_seq_len=64", "global_train_batch_size=4", "device_train_microbatch_size=2",
+        "fsdp.activation_checkpointing=true", "--steps", "4", "--warmup", "1", "--json",
+        "--peak-flops", "1e11",
+    ]  # fmt: skip
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    row = json.loads(run.stdout.strip().splitlines()[-1])
+    assert row["model"] == "mpt-125m" and row["data"] == "synthetic"
+    assert row["seq_len"] == 64 and row["micro_batch"] == 2 and row["grad_accum"] == 2
+    assert row["steps_timed"] == 3 and row["tokens_per_sec"] > 0
+    # One rank: no FSDP, but activation checkpointing still applies, and HFU counts it.
+    assert row["activation_checkpointing"] and row["sharding"] == "none"
+    assert row["hfu"] == pytest.approx(row["mfu"] * 4 / 3) and 0 < row["mfu"] < 1
+
+
+@pytest.mark.slow
+def test_table_runs_every_row_and_a_failing_row_does_not_end_it(tmp_path: Path) -> None:
+    from mpt_train.benchmark_table import load_table
+
+    tiny = ["precision=fp32", "compile.enabled=false", "model.attn_config.impl=sdpa",
+            "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.vocab_size=256",
+            "variables.max_seq_len=32", "global_train_batch_size=2",
+            "device_train_microbatch_size=2"]  # fmt: skip
+    table = {
+        "steps": 3, "warmup": 1, "timeout_s": 240,
+        "rows": [
+            {"name": "typo", "spec": "yamls/mpt-125m.yaml", "overrides": ["model.n_layerz=1"]},
+            {"name": "tiny-125m", "spec": "yamls/mpt-125m.yaml", "overrides": tiny},
+        ],
+    }  # fmt: skip
+    path = tmp_path / "table.yaml"
+    path.write_text(json.dumps(table))  # JSON is YAML
+    assert len(load_table(path).rows) == 2
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(REPO / "scripts/benchmark_table.py"), str(path),
+           "--json", str(tmp_path / "rows.json")]  # fmt: skip
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1, run.stderr[-3000:]  # one row failed
+    table_lines = [ln for ln in run.stdout.splitlines() if ln.startswith("| ")]
+    assert table_lines[-2].startswith("| typo | **") and "model.n_layerz" in table_lines[-2]
+    assert table_lines[-1].startswith("| tiny-125m | 32 | 1 |")
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert "n_layerz" in rows[0]["result"]["error"] and rows[1]["result"]["seq_len"] == 32
+
+
+def test_table_file_rejects_unknown_keys_by_name(tmp_path: Path) -> None:
+    from mpt_train.benchmark_table import load_table
+    from mpt_train.errors import ConfigError
+
+    path = tmp_path / "table.yaml"
+    path.write_text("rows:\n  - spec: yamls/mpt-1b.yaml\n    overides: [a=1]\n")
+    with pytest.raises(ConfigError, match="overides"):
+        load_table(path)
+    path.write_text("rows: []\n")
+    with pytest.raises(ConfigError, match="no rows"):
+        load_table(path)
+
+
+def test_shipped_h100_table_covers_the_sizes_and_loads() -> None:
+    from mpt_train.benchmark_table import load_table
+    from mpt_train.config import load_config
+
+    table = load_table(REPO / "yamls/benchmarks/h100.yaml")
+    assert {"mpt-125m", "mpt-350m", "mpt-1b", "mpt-3b"} <= {r.name for r in table.rows}
+    for row in table.rows:  # every row is a valid run spec with its overrides
+        cfg = load_config(REPO / row.spec, row.overrides)
+        assert cfg.compile.enabled and cfg.model.attn_config.impl == "flex"

@@ -1,4 +1,4 @@
-"""The sdpa path builds its ALiBi/causal mask once per forward, not once per layer."""
+"""Attention masks are built once per forward by the model, not once per layer."""
 
 from __future__ import annotations
 
@@ -41,3 +41,43 @@ def test_mask_is_built_once_per_forward_and_never_reused_across_batches(
     )
     if packed:
         assert not torch.allclose(out_a, out_b)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_flex_block_mask_is_built_once_per_forward(
+    packed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = MPTConfig(
+        d_model=32, n_heads=4, n_layers=3, max_seq_len=16, vocab_size=64,
+        attn_config=AttentionConfig(impl="flex", attn_uses_sequence_id=packed),
+    )  # fmt: skip
+    model = build_model(cfg)
+    built = []
+    real = attention.flex_block_mask
+    monkeypatch.setattr(attention, "flex_block_mask", lambda *a: built.append(1) or real(*a))
+    seq = torch.tensor([[0] * 8 + [1] * 8, [0] * 16]) if packed else None
+    model(torch.randint(0, 64, (2, 16)), sequence_id=seq)
+    assert len(built) == 1
+
+
+def test_sdpa_mask_is_built_in_the_autocast_dtype() -> None:
+    """Under autocast the queries are bf16: a mask built in fp32 would be cast in every layer."""
+    cfg = MPTConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=16, vocab_size=64,
+                    attn_config=AttentionConfig(impl="sdpa"))  # fmt: skip
+    model = build_model(cfg)
+    seen = []
+    real = attention.shared_mask
+
+    def spy(*args):
+        out = real(*args)
+        seen.append(out.dtype)
+        return out
+
+    import mpt_train.model.mpt as mpt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mpt, "shared_mask", spy)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(torch.randint(0, 64, (1, 16)))
+        model(torch.randint(0, 64, (1, 16)))
+    assert seen == [torch.bfloat16, torch.float32] and torch.isfinite(out).all()

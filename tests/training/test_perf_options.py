@@ -18,9 +18,8 @@ from tests.training.conftest import tiny_spec
 
 def _model(**kw) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(
-        MPTConfig(d_model=32, n_heads=2, n_layers=2, max_seq_len=32, vocab_size=96, **kw)
-    )
+    shape = {"d_model": 32, "n_heads": 2, "n_layers": 2, "max_seq_len": 32, "vocab_size": 96}
+    return build_model(MPTConfig(**{**shape, **kw}))
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 16, 64])
@@ -108,3 +107,68 @@ def test_activation_checkpointing_applies_on_one_rank_and_keeps_losses(
         ]
     assert wrapped == {"plain": 0, "ac": 2}  # both blocks of the tiny model
     assert runs["plain"] == pytest.approx(runs["ac"], rel=1e-6)
+
+
+def test_pretraining_token_counts_come_from_shapes_and_equal_the_counted_ones(
+    mds_dir: Path,
+) -> None:
+    """Composer asks for token counts before every microbatch: for text batches they must
+    not read device memory (a device-to-host copy stalls the GPU), yet equal the real counts."""
+    from mpt_train.data import TextLoaderConfig, build_text_dataloader
+    from mpt_train.trainer import _pretrain_token_counts, _token_counts
+
+    loader = TextLoaderConfig(num_workers=0)
+    loader.dataset.local, loader.dataset.max_seq_len = str(mds_dir), 32
+    dl = build_text_dataloader(loader, None, 3, emit_sequence_id=False)
+    loader.dataset.eos_token_id = 0
+    dl_seq = build_text_dataloader(loader, None, 3, emit_sequence_id=True)
+    for batch in (next(iter(dl)), next(iter(dl_seq))):
+        assert _pretrain_token_counts(batch) == _token_counts(batch) == {
+            "total": 96, "loss_generating": 93,
+        }  # fmt: skip
+        meta = {k: torch.empty_like(v, device="meta") for k, v in batch.items()}
+        assert _pretrain_token_counts(meta) == _token_counts(batch)  # shapes only
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            _token_counts(meta)  # the counting path does read the data
+
+
+def test_flops_per_batch_is_the_same_on_every_call() -> None:
+    model = _model()
+    first = model.flops_per_batch(2, 32)
+    assert model.flops_per_batch(2, 32) == first
+    n = sum(p.numel() for p in model.parameters())
+    assert first == 6 * n * 64 + 12 * 2 * 32 * 32 * 64
+
+
+@pytest.mark.parametrize("documents", [False, True])
+def test_compiled_flex_blocks_trace_whole_once_for_all_layers(documents: bool) -> None:
+    """The GPU fast path (FlexAttention inside per-block torch.compile) must trace each block
+    as one graph (a graph break splits the fused kernels), compile once for every layer (past
+    dynamo's recompile limit of 8 the remaining layers would silently run eagerly), not
+    recompile for new data, and train like the eager model. ``aot_eager`` traces exactly as
+    inductor does, without the code generation that needs a GPU."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    def model() -> torch.nn.Module:
+        return _model(n_layers=10 if not documents else 3,
+                      attn_config={"impl": "flex", "attn_uses_sequence_id": documents})  # fmt: skip
+
+    eager, compiled = model(), model()
+    torch._dynamo.reset()
+    counters.clear()
+    for block in compiled.blocks:
+        block.compile(backend="aot_eager", fullgraph=True, dynamic=False)
+    for step in range(2):  # new ids (and documents) on the second step
+        ids = torch.randint(0, 96, (2, 32))
+        seq_id = torch.cumsum(torch.rand(2, 32) < 0.1, dim=1) if documents else None
+        for m in (eager, compiled):
+            m.zero_grad()
+            m(ids, sequence_id=seq_id, targets=shift_labels({"input_ids": ids})).backward()
+        for (name, pa), pb in zip(eager.named_parameters(), compiled.parameters()):
+            torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-6, msg=name)
+        if step == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == graphs <= 2  # one block graph (+ the mask's)
+    torch._dynamo.reset()

@@ -1,0 +1,179 @@
+"""A whole benchmark table from one file: every row through the real trainer, one process each.
+
+``scripts/benchmark_table.py yamls/benchmarks/h100.yaml`` runs each row as
+``python -m mpt_train.benchmark SPEC OVERRIDES --json`` in its own process, so a row that runs
+out of GPU memory (a 3B micro batch one size too big) or fails to compile is reported in its
+line of the table instead of ending the table, and every row starts with an empty allocator.
+
+Table file::
+
+    steps: 12            # per row, as benchmark.py --steps / --warmup
+    warmup: 4
+    timeout_s: 600       # per row
+    rows:
+      - name: mpt-1b
+        spec: yamls/mpt-1b.yaml          # relative to the working directory, else to the
+                                         # repository that holds the table file
+        overrides: [device_train_microbatch_size=6, global_train_batch_size=6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from mpt_train.benchmark import COLUMNS, BenchmarkRow, format_row
+from mpt_train.errors import ConfigError
+
+__all__ = ["TableRow", "TableSpec", "load_table", "main", "run_table"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TableRow:
+    """One line of the table: a run spec, its overrides and the name the line shows."""
+
+    spec: str
+    name: str | None = None
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TableSpec:
+    rows: list[TableRow]
+    steps: int = 12
+    warmup: int = 4
+    timeout_s: float = 600.0
+    gpu: str | None = None
+
+
+def load_table(path: str | Path) -> TableSpec:
+    """The table file, typed (unknown keys name their dotted path like any run spec)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        raw = OmegaConf.load(path)
+        merged = OmegaConf.merge(OmegaConf.structured(TableSpec), raw)
+        table: TableSpec = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except FileNotFoundError:
+        raise ConfigError("table", f"{path} not found") from None
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "table"
+        raise ConfigError(str(key), f"{err.msg if hasattr(err, 'msg') else err}") from None
+    if not table.rows:
+        raise ConfigError("rows", f"{path} lists no rows")
+    if table.warmup < 1 or table.steps <= table.warmup:
+        raise ConfigError("steps", f"need steps > warmup >= 1, got {table.steps}/{table.warmup}")
+    return table
+
+
+def _row_cmd(row: TableRow, table: TableSpec, root: Path) -> list[str]:
+    spec = Path(row.spec)
+    if not spec.is_absolute() and not spec.exists():
+        spec = root / row.spec  # relative to the repository that holds the table
+    cmd = [sys.executable, "-m", "mpt_train.benchmark", str(spec), *row.overrides, "--json"]
+    cmd += ["--steps", str(table.steps), "--warmup", str(table.warmup)]
+    if row.name:
+        cmd += ["--name", row.name]
+    if table.gpu:
+        cmd += ["--gpu", table.gpu]
+    return cmd
+
+
+def _failure(stderr: str) -> str:
+    """The line of a failed row's output that says why (an OOM, a ConfigError, ...)."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "OutOfMemoryError" in ln or "out of memory" in ln:
+            return "out of memory"
+    for ln in reversed(lines):
+        if ln.startswith("error") or "Error" in ln.split(":")[0]:
+            return ln[:200]
+    return lines[-1][:200] if lines else "failed with no output"
+
+
+def run_table(
+    table: TableSpec, root: Path, echo: bool = True
+) -> list[tuple[TableRow, BenchmarkRow | str]]:
+    """Run every row; each result is the row's measurements or why it has none."""
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]),
+    }
+    results: list[tuple[TableRow, BenchmarkRow | str]] = []
+    for i, row in enumerate(table.rows):
+        label = row.name or Path(row.spec).stem
+        log.info("row %d/%d: %s %s", i + 1, len(table.rows), label, " ".join(row.overrides))
+        try:
+            proc = subprocess.run(
+                _row_cmd(row, table, root),
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=table.timeout_s,
+            )
+        except subprocess.TimeoutExpired:
+            results.append((row, f"timed out after {table.timeout_s:.0f} s"))
+        else:
+            if proc.returncode == 0:
+                out = json.loads(proc.stdout.strip().splitlines()[-1])
+                results.append((row, BenchmarkRow(**out)))
+            else:
+                results.append((row, _failure(proc.stderr)))
+        if echo:
+            print(_line(*results[-1]), flush=True)
+    return results
+
+
+def _line(row: TableRow, result: BenchmarkRow | str) -> str:
+    if isinstance(result, BenchmarkRow):
+        return format_row(result, header=False)
+    cells = [row.name or Path(row.spec).stem, f"**{result}**"] + [""] * (len(COLUMNS) - 2)
+    return "| " + " | ".join(cells) + " |"
+
+
+def format_table(results: list[tuple[TableRow, BenchmarkRow | str]]) -> str:
+    names = "| " + " | ".join(n for n, _ in COLUMNS) + " |"
+    return "\n".join([names, "|" + " --- |" * len(COLUMNS), *(_line(r, x) for r, x in results)])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmark_table.py", description=__doc__.split("\n")[0])
+    parser.add_argument("table", help="table file (see yamls/benchmarks/)")
+    parser.add_argument("--only", nargs="*", default=None, help="run only rows with these names")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    from mpt_train.cli import setup_logging
+
+    setup_logging()
+    try:
+        table = load_table(args.table)
+    except ConfigError as e:
+        print(f"error in table {args.table}: {e}", file=sys.stderr)
+        return 2
+    if args.only is not None:
+        table.rows = [r for r in table.rows if (r.name or Path(r.spec).stem) in args.only]
+    root = Path(args.table).resolve().parent
+    while not (root / "yamls").is_dir() and root != root.parent:
+        root = root.parent  # specs are relative to the repository root
+    results = run_table(table, root)
+    print("\n" + format_table(results), flush=True)
+    if args.json:
+        rows = [
+            {"name": r.name, "spec": r.spec, "overrides": r.overrides,
+             "result": x.__dict__ if isinstance(x, BenchmarkRow) else {"error": x}}
+            for r, x in results
+        ]  # fmt: skip
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0 if all(isinstance(x, BenchmarkRow) for _, x in results) else 1

@@ -1,0 +1,105 @@
+"""Synthetic token batches: the exact shapes of a pretraining run with no data and no tokenizer.
+
+``train_loader.name: synthetic`` trains on uniform random token ids of
+``dataset.max_seq_len``. A dense model costs the same on random ids as on text, so this is
+what throughput benchmarks and cluster smoke tests use: nothing to download, convert or cache,
+and no data loader stall can hide in the figures. Samples are a pure function of
+``(shuffle_seed, index)``, so a resumed run sees the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mpt_train.data.config import TextLoaderConfig
+
+__all__ = ["RankStride", "SyntheticTokens", "build_synthetic_dataloader"]
+
+#: Samples per "epoch": large enough that no benchmark or smoke test reaches the end.
+SYNTHETIC_SAMPLES = 2**31 - 1
+
+
+class SyntheticTokens(Dataset):
+    """``{"input_ids": LongTensor[seq_len]}`` of uniform ids in ``[0, vocab_size)``."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_len: int,
+        seed: int,
+        emit_sequence_id: bool = False,
+        num_samples: int = SYNTHETIC_SAMPLES,
+    ) -> None:
+        if vocab_size < 1 or seq_len < 1 or num_samples < 1:
+            raise ValueError(
+                f"vocab_size, seq_len and num_samples must be >= 1, got "
+                f"{vocab_size}, {seq_len}, {num_samples}"
+            )
+        self.vocab_size = vocab_size
+        self.seq_len = seq_len
+        self.seed = seed
+        self.emit_sequence_id = emit_sequence_id
+        self.num_samples = num_samples
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        if not 0 <= idx < self.num_samples:
+            raise IndexError(f"sample {idx} out of range [0, {self.num_samples})")
+        gen = torch.Generator().manual_seed(self.seed * SYNTHETIC_SAMPLES + idx)
+        ids = torch.randint(self.vocab_size, (self.seq_len,), generator=gen, dtype=torch.long)
+        item = {"input_ids": ids}
+        if self.emit_sequence_id:
+            item["sequence_id"] = torch.zeros_like(ids)  # one document per sample
+        return item
+
+
+class RankStride(Sampler[int]):
+    """Rank ``r`` of ``w`` reads samples ``r, r + w, r + 2w, ...``, lazily.
+
+    torch's DistributedSampler materialises the whole index list: two billion ints here.
+    """
+
+    def __init__(self, num_samples: int, rank: int, world_size: int) -> None:
+        self.indices = range(rank, num_samples - num_samples % world_size, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_synthetic_dataloader(
+    cfg: TextLoaderConfig,
+    vocab_size: int,
+    device_batch_size: int,
+    emit_sequence_id: bool = False,
+) -> DataLoader:
+    """A DataLoader of :class:`SyntheticTokens`, distributed over ranks like any map dataset.
+
+    Only ``dataset.max_seq_len``, ``dataset.shuffle_seed`` and the DataLoader knobs of the
+    section apply; the data sources are not read.
+    """
+    from composer.utils import dist
+
+    dataset = SyntheticTokens(
+        vocab_size, cfg.dataset.max_seq_len, cfg.dataset.shuffle_seed, emit_sequence_id
+    )
+    sampler = RankStride(len(dataset), dist.get_global_rank(), dist.get_world_size())
+    extra = {}
+    if cfg.num_workers > 0:
+        extra = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": True}
+    return DataLoader(
+        dataset,
+        batch_size=device_batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.num_workers,
+        pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+        **extra,
+    )
