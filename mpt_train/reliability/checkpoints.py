@@ -41,6 +41,7 @@ from mpt_train.errors import RunFailure
 from mpt_train.reliability.manifest import (
     MANIFEST_SUFFIX,
     CheckpointCorruptError,
+    Manifest,
     describe_files,
     files_written_by,
     manifest_path,
@@ -326,61 +327,85 @@ def _point_latest(folder: Path, name: str | None) -> None:
     os.replace(tmp, link)
 
 
-def choose_local_checkpoint(folder: Path, on_corrupt: str, checksums: bool = True) -> str | None:
-    """Quarantine incomplete (and, with ``fallback``, corrupt) checkpoints in ``folder``; point
-    ``latest-rank0.pt`` at the newest verified one and return its name (None: start fresh).
-
-    Raises:
-        CheckpointCorruptError: the newest complete checkpoint fails verification and
-            ``on_corrupt`` is ``fail``; the message names the file.
-    """
-    chosen = None
+def _candidates(folder: Path) -> list[tuple[str, Manifest | CheckpointCorruptError]]:
+    """Complete checkpoints (newest first) with their manifests; incomplete ones (no manifest:
+    the save was cut short) are quarantined on the way. Rank 0 only."""
+    out: list[tuple[str, Manifest | CheckpointCorruptError]] = []
     for _batch, name in _checkpoints(folder):
         mpath = manifest_path(folder, name)
         if not mpath.exists():
             _quarantine(folder, name, "incomplete (no manifest: the save was cut short)")
             continue
-        if chosen is not None:
-            continue
         try:
-            verify_manifest(folder, read_manifest(mpath), checksums=checksums)
+            out.append((name, read_manifest(mpath)))
         except CheckpointCorruptError as e:
-            if on_corrupt != "fallback":
-                raise CheckpointCorruptError(
-                    e.path,
-                    f"{e.problem}. Set reliability.on_corrupt_checkpoint=fallback to resume "
-                    "from the previous good checkpoint",
-                ) from None
-            log.error("%s; falling back to the previous checkpoint", e)
+            out.append((name, e))
+    return out
+
+
+def choose_local_checkpoint(folder: Path, on_corrupt: str, checksums: bool = True) -> str | None:
+    """Quarantine incomplete (and, with ``fallback``, corrupt) checkpoints in ``folder``; point
+    ``latest-rank0.pt`` at the newest verified one and return its name (None: start fresh).
+
+    Collective: every rank calls it. Rank 0 lists and quarantines; each rank verifies the
+    shards it wrote (:func:`~mpt_train.reliability.manifest.verify_manifest`), and every rank
+    gets the same answer or the same error.
+
+    Raises:
+        CheckpointCorruptError: the newest complete checkpoint fails verification and
+            ``on_corrupt`` is ``fail``; the message names the file.
+    """
+    rank, world = dist.get_global_rank(), dist.get_world_size()
+    listing: list[Any] = [None]
+    if rank == 0:
+        try:
+            listing[0] = _candidates(folder) if folder.is_dir() else []
+        except OSError as e:  # every rank must hear of it, not wait on the broadcast
+            listing[0] = f"cannot prepare the resume from {folder}: {type(e).__name__}: {e}"
+    dist.broadcast_object_list(listing, src=0)
+    if isinstance(listing[0], str):
+        raise RunFailure(listing[0])
+    chosen = None
+    for name, manifest in listing[0]:
+        problem: tuple[str, str] | None = None
+        if isinstance(manifest, CheckpointCorruptError):
+            problem = (manifest.path, manifest.problem)
+        else:
+            try:
+                verify_manifest(folder, manifest, checksums, rank=rank, world_size=world)
+            except CheckpointCorruptError as e:
+                problem = (e.path, e.problem)
+        found = [p for p in dist.all_gather_object(problem) if p is not None]
+        if not found:
+            chosen = name
+            break
+        path, why = min(found)  # the same file named on every rank
+        if on_corrupt != "fallback":
+            raise CheckpointCorruptError(
+                path,
+                f"{why}. Set reliability.on_corrupt_checkpoint=fallback to resume "
+                "from the previous good checkpoint",
+            )
+        if rank == 0:
+            log.error(
+                "corrupt checkpoint %s: %s; falling back to the previous checkpoint", path, why
+            )
             _quarantine(folder, name, "corrupt")
-            continue
-        chosen = name
-    _point_latest(folder, chosen)
-    if chosen is not None:
-        log.info("resuming from verified checkpoint %s", folder / chosen)
+    if rank == 0 and folder.is_dir():
+        _point_latest(folder, chosen)
+        if chosen is not None:
+            log.info("resuming from verified checkpoint %s", folder / chosen)
+    dist.barrier()  # no rank lets Composer look for `latest` before it points at `chosen`
     return chosen
 
 
 def prepare_resume(save_folder: str, run_name: str, on_corrupt: str) -> str | None:
-    """Make Composer's autoresume pick the newest complete, intact checkpoint (rank 0 does the
-    work on the shared folder; every rank gets the result or the same error).
+    """Make Composer's autoresume pick the newest complete, intact checkpoint (collective).
 
-    Returns the chosen checkpoint's name, or None when the run starts fresh.
+    Returns the chosen checkpoint's name, or None when the run starts fresh. Remote folders
+    are left to Composer: its ``latest`` pointer only ever follows finished uploads.
     """
     folder = format_name_with_dist(save_folder, run_name)
-    result: list[Any] = [None]
-    if dist.get_global_rank() == 0:
-        try:
-            if "://" in folder:
-                result[0] = ("ok", None)  # remote: Composer's symlink follows finished uploads
-            elif Path(folder).is_dir():
-                result[0] = ("ok", choose_local_checkpoint(Path(folder), on_corrupt))
-            else:
-                result[0] = ("ok", None)
-        except CheckpointCorruptError as e:
-            result[0] = ("corrupt", (e.path, e.problem))
-    dist.broadcast_object_list(result, src=0)
-    status, value = result[0]
-    if status == "corrupt":
-        raise CheckpointCorruptError(*value)
-    return value
+    if "://" in folder:
+        return None
+    return choose_local_checkpoint(Path(folder), on_corrupt)

@@ -146,3 +146,60 @@ def test_disk_full_fails_before_writing_naming_the_path(mds_dir: Path, in_tmp: P
         assert not list(ckpt.glob("ep*")), "nothing partial may be written"
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_each_rank_verifies_only_the_shards_it_wrote(tmp_path: Path) -> None:
+    from mpt_train.reliability.manifest import (
+        describe_files,
+        new_manifest,
+        owner_of,
+        verify_manifest,
+    )
+
+    unit = tmp_path / "ep0-ba4"
+    unit.mkdir()
+    for name in (".metadata", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp"):
+        (unit / name).write_bytes(name.encode() * 1000)
+    files = describe_files(sorted(unit.iterdir()), tmp_path)
+    manifest = new_manifest("ep0-ba4", 4, "run", files)
+    assert [owner_of(rel, 3) for rel in sorted(files)] == [0, 0, 1, 2]
+    assert owner_of("ep0-ba4/__2_0.distcp", 2) == 0  # resumed on fewer ranks
+    data = bytearray((unit / "__1_0.distcp").read_bytes())
+    data[10] ^= 1
+    (unit / "__1_0.distcp").write_bytes(bytes(data))
+    verify_manifest(tmp_path, manifest, rank=0, world_size=3)  # not rank 0's file
+    verify_manifest(tmp_path, manifest, rank=2, world_size=3)
+    with pytest.raises(CheckpointCorruptError, match=r"__1_0\.distcp.*xxh3_128"):
+        verify_manifest(tmp_path, manifest, rank=1, world_size=3)
+    with pytest.raises(CheckpointCorruptError, match=r"__1_0\.distcp"):
+        verify_manifest(tmp_path, manifest)  # one process checks everything
+
+
+@pytest.mark.slow
+def test_two_ranks_find_a_corrupt_shard_of_rank_one_and_fall_back(
+    mds_dir: Path, in_tmp: Path
+) -> None:
+    from tests.training.conftest import composer_cmd
+
+    ckpt = in_tmp / "ckpt"
+    spec = spec_for(
+        mds_dir, ckpt, max_duration="4ba",
+        fsdp={"sharding_strategy": "FULL_SHARD", "state_dict_type": "sharded"},
+    )  # fmt: skip
+    spec_file = write_spec(in_tmp / "spec.yaml", spec)
+    launch = [*composer_cmd(2), str(REPO / "train.py"), str(spec_file)]
+    run(launch, cwd=in_tmp)
+    bad = ckpt / "ep0-ba4" / "__1_0.distcp"
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    bad.write_bytes(bytes(data))
+
+    failed = run([*launch, "max_duration=6ba"], cwd=in_tmp, check=False)
+    assert failed.returncode != 0
+    assert f"corrupt checkpoint {bad}" in failed.stdout + failed.stderr
+    assert bad.is_file()
+
+    run([*launch, "max_duration=6ba", "reliability.on_corrupt_checkpoint=fallback",
+         "loggers.jsonl.path=second.jsonl"], cwd=in_tmp)  # fmt: skip
+    assert sorted(losses(in_tmp / "second.jsonl")) == [3, 4, 5, 6]  # resumed from batch 2
+    assert (ckpt / ".quarantine" / "ep0-ba4" / "__1_0.distcp").is_file()

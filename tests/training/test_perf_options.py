@@ -172,3 +172,34 @@ def test_compiled_flex_blocks_trace_whole_once_for_all_layers(documents: bool) -
     assert not counters["graph_break"]
     assert counters["stats"]["unique_graphs"] == graphs <= 2  # one block graph (+ the mask's)
     torch._dynamo.reset()
+
+
+def test_all_throughput_options_together_train_like_the_plain_path(
+    mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path of the pretraining specs (FlexAttention inside compiled blocks, foreach
+    decoupled AdamW, chunked loss, no train metrics, activation checkpointing) against the
+    plainest one (reference attention, eager, Composer's AdamW loop, full logits + metrics)."""
+    monkeypatch.chdir(tmp_path)
+    plain = {
+        "model": {"attn_config": {"impl": "torch"}},
+        "optimizer": {"implementation": "composer"},
+        "loss": {"train_metrics": True},
+    }
+    fast = {
+        "model": {"attn_config": {"impl": "flex"}},
+        "compile": {"enabled": True, "backend": "aot_eager", "fullgraph": True},
+        "optimizer": {"implementation": "foreach"},
+        "loss": {"chunk_tokens": 40},
+        "fsdp": {"activation_checkpointing": True},
+    }
+    losses = {}
+    for name, options in (("plain", plain), ("fast", fast)):
+        spec = tiny_spec(mds_dir, run_name=name, max_duration="5ba")
+        model = {**spec["model"], **options.pop("model")}
+        spec.update(model=model, **options)
+        train(load_config_dict(spec))
+        rows = read_metrics(tmp_path / f"runs/{name}/metrics.jsonl")
+        losses[name] = [r["loss/train/total"] for r in rows]
+    assert len(losses["fast"]) == 5
+    assert losses["fast"] == pytest.approx(losses["plain"], rel=1e-4)
