@@ -155,3 +155,34 @@ def test_convert_from_hf_starts_a_finetune(
         assert int(trainer.state.timestamp.batch) == 0  # weights only: a fresh run
     finally:
         trainer.close()
+
+
+@pytest.mark.slow
+def test_two_rank_sharded_checkpoint_exports_the_trained_weights(
+    mds32: Path, tmp_path: Path
+) -> None:
+    """A checkpoint written by two FSDP ranks (each saving its own shards) exports to a
+    transformers MPT whose weights are the full weights the run ended with."""
+    from transformers import MptForCausalLM
+
+    from mpt_train.model.hf import to_hf
+    from tests.training.conftest import composer_cmd, run, write_spec
+
+    spec = tiny_spec(
+        mds32, max_duration="4ba", save_folder=str(tmp_path / "ckpt"), save_interval="2ba",
+        fsdp={"sharding_strategy": "FULL_SHARD", "state_dict_type": "sharded"},
+    )  # fmt: skip
+    spec_file = write_spec(tmp_path / "spec.yaml", spec)
+    script = str(REPO / "tests/reliability/fault_run.py")
+    run([*composer_cmd(2), script, "--ledger", str(tmp_path / "run"), str(spec_file)], cwd=tmp_path)
+    folder = tmp_path / "ckpt" / "ep0-ba4"
+    assert {p.name for p in folder.glob("__*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+
+    hf = MptForCausalLM.from_pretrained(export_hf(folder, tmp_path / "hf"))
+    trained = torch.load(tmp_path / "run.weights.pt")
+    net = build_model(MPTConfig(**spec["model"]))
+    net.load_state_dict({k[len("model.") :]: v for k, v in trained.items()})
+    want = to_hf(net).state_dict()
+    got = hf.state_dict()
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
