@@ -5,7 +5,7 @@ training MPT-1B at ~50% MFU consumes about 55k tokens/s. This script measures, i
 this machine:
 
 * conversion throughput (tokens/s, tokenizing on all cores, writing zstd MDS shards), to a local
-  folder and to a local S3 server (SeaweedFS, as in the tests);
+  folder and to S3: your bucket with ``--s3-url``, else a local SeaweedFS server (as in the tests);
 * dataloader throughput (tokens/s delivered as ``input_ids`` batches) from the local MDS folder
   and from the S3 server with a cold cache;
 
@@ -16,11 +16,13 @@ per token, so conversion figures are an upper bound for it).
 Usage::
 
     python scripts/bench_data.py [--copies 20] [--seq-len 2048] [--batch-size 8] [--loader-workers 2]
+    python scripts/bench_data.py --s3-url s3://my-bucket/scratch   # against a real bucket
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import gzip
 import logging
@@ -29,11 +31,11 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 from mpt_train.data import (  # noqa: E402
     SHIPPED_CORPUS,
@@ -97,13 +99,35 @@ def _load(
     return seconds, tokens, first or 0.0
 
 
+@contextlib.contextmanager
+def _s3_target(url: str | None, tmp: Path) -> Iterator[tuple[str, str]]:
+    """(URL to write the dataset to, description): the user's bucket, or a local server."""
+    if url is not None:
+        yield url.rstrip("/") + f"/mpt-train-bench-{os.getpid()}", url.split("/")[2]
+        return
+    try:  # a checkout with the dev extras: the SeaweedFS server the tests use
+        from tests.s3_server import S3Server
+    except ImportError as err:
+        raise SystemExit(f"no local S3 server ({err}); pass --s3-url or --no-s3") from None
+    with S3Server(bucket="bench", data_dir=str(tmp / "s3")) as s3:
+        os.environ.update(s3.env)
+        yield s3.url("corpus"), "SeaweedFS, loopback"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--copies", type=int, default=20, help="shipped corpus repetitions")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--loader-workers", type=int, default=2)
-    parser.add_argument("--no-s3", action="store_true", help="skip the S3 server rows")
+    parser.add_argument("--no-s3", action="store_true", help="skip the S3 rows")
+    parser.add_argument(
+        "--s3-url",
+        default=None,
+        help="measure against your bucket (s3://bucket/prefix, credentials and endpoint from "
+        "the usual AWS_* variables; the prefix is written to and not cleaned up) instead of "
+        "a local SeaweedFS server",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -131,24 +155,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         if not args.no_s3:
-            from s3_server import S3Server
-
-            with S3Server(bucket="bench", data_dir=str(tmp / "s3")) as s3:
-                os.environ.update(s3.env)
-                secs, toks = _convert(corpus, s3.url("corpus"), args.seq_len)
+            with _s3_target(args.s3_url, tmp) as (url, where):
+                secs, toks = _convert(corpus, url, args.seq_len)
                 rows.append(
-                    (
-                        "convert -> S3 (SeaweedFS, loopback)",
-                        toks / secs,
-                        f"{toks:,} tokens in {secs:.1f}s",
-                    )
+                    (f"convert -> S3 ({where})", toks / secs, f"{toks:,} tokens in {secs:.1f}s")
                 )
                 secs, toks, first = _load(
-                    s3.url("corpus"),
-                    str(tmp / "cache"),
-                    args.seq_len,
-                    args.batch_size,
-                    args.loader_workers,
+                    url, str(tmp / "cache"), args.seq_len, args.batch_size, args.loader_workers
                 )
                 rows.append(
                     (
