@@ -203,3 +203,30 @@ def test_all_throughput_options_together_train_like_the_plain_path(
         losses[name] = [r["loss/train/total"] for r in rows]
     assert len(losses["fast"]) == 5
     assert losses["fast"] == pytest.approx(losses["plain"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_fast_path_under_two_rank_fsdp_trains_like_the_plain_path(
+    mds_dir: Path, tmp_path: Path
+) -> None:
+    """FlexAttention in compiled blocks, sharded by FSDP2 over two real processes (gloo), with
+    the chunked loss reading the gathered tied head: the losses of the plain sharded run."""
+    from tests.helpers import REPO
+    from tests.training.conftest import composer_cmd, run, write_spec
+
+    base = tiny_spec(mds_dir, max_duration="4ba", fsdp={"sharding_strategy": "FULL_SHARD"})
+    fast = {
+        **base,
+        "run_name": "fast",
+        "model": {**base["model"], "attn_config": {"impl": "flex"}},
+        "compile": {"enabled": True, "backend": "aot_eager", "fullgraph": True},
+        "loss": {"chunk_tokens": 40},
+    }
+    losses = {}
+    for spec in ({**base, "run_name": "plain"}, fast):
+        path = write_spec(tmp_path / f"{spec['run_name']}.yaml", spec)
+        run([*composer_cmd(2), str(REPO / "train.py"), str(path)], cwd=tmp_path)
+        rows = read_metrics(tmp_path / f"runs/{spec['run_name']}/metrics.jsonl")
+        losses[spec["run_name"]] = [r["loss/train/total"] for r in rows]
+    assert len(losses["fast"]) == 4
+    assert losses["fast"] == pytest.approx(losses["plain"], rel=1e-5)
