@@ -102,6 +102,16 @@ def _failure(stderr: str) -> str:
     return lines[-1][:200] if lines else "failed with no output"
 
 
+def _result(proc: subprocess.CompletedProcess) -> BenchmarkRow | str:
+    if proc.returncode != 0:
+        return _failure(proc.stderr)
+    lines = proc.stdout.strip().splitlines()
+    try:
+        return BenchmarkRow(**json.loads(lines[-1]))
+    except (IndexError, ValueError, TypeError):
+        return f"no result row in the output ({(lines or ['nothing'])[-1][:120]!r})"
+
+
 def run_table(
     table: TableSpec, root: Path, echo: bool = True
 ) -> list[tuple[TableRow, BenchmarkRow | str]]:
@@ -126,11 +136,7 @@ def run_table(
         except subprocess.TimeoutExpired:
             results.append((row, f"timed out after {table.timeout_s:.0f} s"))
         else:
-            if proc.returncode == 0:
-                out = json.loads(proc.stdout.strip().splitlines()[-1])
-                results.append((row, BenchmarkRow(**out)))
-            else:
-                results.append((row, _failure(proc.stderr)))
+            results.append((row, _result(proc)))
         if echo:
             print(_line(*results[-1]), flush=True)
     return results
@@ -164,9 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.only is not None:
         table.rows = [r for r in table.rows if (r.name or Path(r.spec).stem) in args.only]
-    root = Path(args.table).resolve().parent
+    table_dir = root = Path(args.table).resolve().parent
     while not (root / "yamls").is_dir() and root != root.parent:
         root = root.parent  # specs are relative to the repository root
+    if not (root / "yamls").is_dir():
+        root = table_dir  # not in a repository: relative to the table file
     results = run_table(table, root)
     print("\n" + format_table(results), flush=True)
     if args.json:

@@ -70,6 +70,12 @@ def _check_loader(key: str, loader: TextLoaderConfig, cfg: RunConfig, training: 
             f"{ds.max_seq_len} is above the model's max_seq_len {model_len}{why}",
         )
     if loader.name == "synthetic":
+        if not training and cfg.eval_subset_num_batches <= 0:
+            raise ConfigError(
+                f"{key}.name",
+                "a synthetic eval set never ends: set eval_subset_num_batches > 0 "
+                "(or use a real eval set)",
+            )
         return  # no sources to check: ids are generated in the training process
     if ds.streams:
         for name, stream in ds.streams.items():

@@ -4,7 +4,8 @@
 ``dataset.max_seq_len``. A dense model costs the same on random ids as on text, so this is
 what throughput benchmarks and cluster smoke tests use: nothing to download, convert or cache,
 and no data loader stall can hide in the figures. Samples are a pure function of
-``(shuffle_seed, index)``, so a resumed run sees the batches it would have seen.
+``(shuffle_seed, index)``, so a run resumed on the same number of ranks sees the batches it
+would have seen. As an eval set it needs ``eval_subset_num_batches`` (it never ends).
 """
 
 from __future__ import annotations
@@ -80,10 +81,12 @@ def build_synthetic_dataloader(
     device_batch_size: int,
     emit_sequence_id: bool = False,
 ) -> DataLoader:
-    """A DataLoader of :class:`SyntheticTokens`, distributed over ranks like any map dataset.
+    """A DataLoader of :class:`SyntheticTokens`, rank ``r`` of ``w`` reading every ``w``-th
+    sample from ``r`` (so a resumed run repeats its batches at the same world size).
 
-    Only ``dataset.max_seq_len``, ``dataset.shuffle_seed`` and the DataLoader knobs of the
-    section apply; the data sources are not read.
+    ``dataset.max_seq_len``, ``dataset.shuffle_seed``, ``num_workers``, ``prefetch_factor``,
+    ``persistent_workers``, ``timeout`` and ``pin_memory`` apply; the data sources and the
+    shuffle knobs are not read, and every batch is full (``drop_last``).
     """
     from composer.utils import dist
 
@@ -92,8 +95,12 @@ def build_synthetic_dataloader(
     )
     sampler = RankStride(len(dataset), dist.get_global_rank(), dist.get_world_size())
     extra = {}
-    if cfg.num_workers > 0:
-        extra = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": True}
+    if cfg.num_workers > 0:  # torch rejects these without workers
+        extra = {
+            "prefetch_factor": cfg.prefetch_factor,
+            "persistent_workers": cfg.persistent_workers,
+            "timeout": cfg.timeout,
+        }
     return DataLoader(
         dataset,
         batch_size=device_batch_size,

@@ -165,6 +165,11 @@ def build_icl_task(cfg: ICLTaskConfig, tokenizer: PreTrainedTokenizerBase) -> IC
 
 
 @torch.no_grad()
+def _padded_length(longest: int, max_seq_len: int) -> int:
+    """The next power of two from 64, capped at ``max_seq_len``."""
+    return min(max(64, 1 << (longest - 1).bit_length()), max_seq_len)
+
+
 def score_continuations(
     model: torch.nn.Module, cands: list[Scored], max_seq_len: int, batch_size: int
 ) -> tuple[list[float], list[bool]]:
@@ -180,8 +185,10 @@ def score_continuations(
             ctx = c.context[-(max_seq_len - len(cont)) :] if c.context else []
             seqs.append(ctx + cont)
             spans.append((len(ctx), len(ctx) + len(cont)))
-        length = max(len(s) for s in seqs)
-        ids_BS = torch.zeros(len(seqs), length, dtype=torch.long)
+        # A few fixed shapes (full batch, power-of-two length): compiled blocks compile each
+        # shape once; right padding changes no logit of the real tokens (causal attention).
+        length = _padded_length(max(len(s) for s in seqs), max_seq_len)
+        ids_BS = torch.zeros(batch_size, length, dtype=torch.long)
         for b, s in enumerate(seqs):
             ids_BS[b, : len(s)] = torch.tensor(s)
         logits_BSV = model(ids_BS.to(device)).float()

@@ -365,7 +365,7 @@ def choose_local_checkpoint(folder: Path, on_corrupt: str, checksums: bool = Tru
     dist.broadcast_object_list(listing, src=0)
     if isinstance(listing[0], str):
         raise RunFailure(listing[0])
-    chosen = None
+    chosen, corrupt = None, []
     for name, manifest in listing[0]:
         problem: tuple[str, str] | None = None
         if isinstance(manifest, CheckpointCorruptError):
@@ -375,6 +375,8 @@ def choose_local_checkpoint(folder: Path, on_corrupt: str, checksums: bool = Tru
                 verify_manifest(folder, manifest, checksums, rank=rank, world_size=world)
             except CheckpointCorruptError as e:
                 problem = (e.path, e.problem)
+            except OSError as e:  # unreadable here: reported like corruption, never a hang
+                problem = (e.filename or str(folder / name), f"unreadable ({e.strerror or e})")
         found = [p for p in dist.all_gather_object(problem) if p is not None]
         if not found:
             chosen = name
@@ -390,12 +392,23 @@ def choose_local_checkpoint(folder: Path, on_corrupt: str, checksums: bool = Tru
             log.error(
                 "corrupt checkpoint %s: %s; falling back to the previous checkpoint", path, why
             )
-            _quarantine(folder, name, "corrupt")
-    if rank == 0 and folder.is_dir():
-        _point_latest(folder, chosen)
-        if chosen is not None:
-            log.info("resuming from verified checkpoint %s", folder / chosen)
-    dist.barrier()  # no rank lets Composer look for `latest` before it points at `chosen`
+        corrupt.append(name)
+    # Rank 0 moves and points; every rank waits for its outcome and shares its failure, so none
+    # lets Composer look for `latest` before it points at `chosen`, and none waits forever.
+    outcome: list[str | None] = [None]
+    if rank == 0:
+        try:
+            for name in corrupt:
+                _quarantine(folder, name, "corrupt")
+            if folder.is_dir():
+                _point_latest(folder, chosen)
+        except OSError as e:
+            outcome[0] = f"cannot prepare the resume from {folder}: {type(e).__name__}: {e}"
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise RunFailure(outcome[0])
+    if chosen is not None and rank == 0:
+        log.info("resuming from verified checkpoint %s", folder / chosen)
     return chosen
 
 

@@ -142,3 +142,14 @@ def test_shipped_h100_table_covers_the_sizes_and_loads() -> None:
     for row in table.rows:  # every row is a valid run spec with its overrides
         cfg = load_config(REPO / row.spec, row.overrides)
         assert cfg.compile.enabled and cfg.model.attn_config.impl == "flex"
+
+
+def test_table_row_without_a_result_line_is_a_failed_row_not_a_crash() -> None:
+    from mpt_train.benchmark_table import _result
+
+    def done(out: str, rc: int = 0, err: str = "") -> subprocess.CompletedProcess:
+        return subprocess.CompletedProcess([], rc, out, err)
+
+    assert _result(done("")).startswith("no result row")
+    assert _result(done("some library said goodbye\n")).startswith("no result row")
+    assert _result(done("", 1, "x\ntorch.OutOfMemoryError: CUDA out of memory")) == "out of memory"

@@ -73,3 +73,19 @@ def test_trains_with_no_data_and_no_reachable_tokenizer(
     assert len(losses) == 4
     # Uniform noise cannot be predicted: no batch's loss goes far below its entropy, ln(64).
     assert all(math.isfinite(x) and x > math.log(64) - 0.3 for x in losses), losses
+
+
+def test_a_synthetic_eval_set_needs_a_batch_limit() -> None:
+    from mpt_train.config.validate import validate_run
+
+    spec = {
+        "model": {"d_model": 32, "n_heads": 2, "n_layers": 1, "max_seq_len": 32,
+                  "vocab_size": 64, "attn_config": {"impl": "sdpa"}},
+        "train_loader": {"name": "synthetic", "dataset": {"max_seq_len": 32}},
+        "eval_loader": {"name": "synthetic", "dataset": {"max_seq_len": 32}},
+        "max_duration": "4ba",
+        "global_train_batch_size": 4,
+    }  # fmt: skip
+    with pytest.raises(ConfigError, match=r"eval_loader\.name: a synthetic eval set never ends"):
+        validate_run(load_config_dict(spec), 1, probe_storage=False)
+    validate_run(load_config_dict({**spec, "eval_subset_num_batches": 2}), 1, probe_storage=False)

@@ -110,7 +110,11 @@ def test_batched_scores_equal_one_by_one_reference(tok) -> None:
         )
     ).eval()
     task = build_icl_task(MC, tok)
+    shapes = set()
+    net.register_forward_pre_hook(lambda _m, args: shapes.add(tuple(args[0].shape)))
     got, _ = score_continuations(net, task.candidates, 128, batch_size=7)
+    # Few fixed shapes, so compiled blocks do not recompile for every batch's longest example.
+    assert shapes and all(b == 7 and n in (64, 128) for b, n in shapes), shapes
     for cand, score in zip(task.candidates[:8], got[:8]):
         ids = torch.tensor([cand.context + cand.continuation])
         with torch.no_grad():

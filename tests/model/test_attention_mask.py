@@ -51,13 +51,16 @@ def test_flex_block_mask_is_built_once_per_forward(
         d_model=32, n_heads=4, n_layers=3, max_seq_len=16, vocab_size=64,
         attn_config=AttentionConfig(impl="flex", attn_uses_sequence_id=packed),
     )  # fmt: skip
+    import mpt_train.model.flex as flex
+
     model = build_model(cfg)
     built = []
-    real = attention.flex_block_mask
-    monkeypatch.setattr(attention, "flex_block_mask", lambda *a: built.append(1) or real(*a))
+    real = flex.create_block_mask
+    monkeypatch.setattr(flex, "create_block_mask", lambda *a, **k: built.append(1) or real(*a, **k))
+    flex._causal_block_mask.cache_clear()
     seq = torch.tensor([[0] * 8 + [1] * 8, [0] * 16]) if packed else None
     model(torch.randint(0, 64, (2, 16)), sequence_id=seq)
-    assert len(built) == 1
+    assert len(built) == 1  # three layers, one block mask
 
 
 def test_sdpa_mask_is_built_in_the_autocast_dtype() -> None:

@@ -203,3 +203,35 @@ def test_two_ranks_find_a_corrupt_shard_of_rank_one_and_fall_back(
          "loggers.jsonl.path=second.jsonl"], cwd=in_tmp)  # fmt: skip
     assert sorted(losses(in_tmp / "second.jsonl")) == [3, 4, 5, 6]  # resumed from batch 2
     assert (ckpt / ".quarantine" / "ep0-ba4" / "__1_0.distcp").is_file()
+
+
+def test_unreadable_shard_is_reported_like_corruption_not_raised_past_the_collective(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error on one rank's shard must reach every rank as a named problem: a rank that
+    raised on its own would leave the others waiting on the collective until the timeout."""
+    import errno
+
+    import mpt_train.reliability.manifest as manifest_mod
+    from mpt_train.reliability.checkpoints import choose_local_checkpoint
+    from mpt_train.reliability.manifest import describe_files, new_manifest, write_manifest
+
+    for batch in (2, 4):
+        name = CKPT.format(batch)
+        (tmp_path / name).write_bytes(b"x" * 100)
+        files = describe_files([tmp_path / name], tmp_path)
+        write_manifest(tmp_path, new_manifest(name, batch, "run", files))
+    bad = tmp_path / CKPT.format(4)
+
+    def failing_digest(path: Path) -> str:
+        if Path(path) == bad:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real(path)
+
+    real = manifest_mod.file_digest
+    monkeypatch.setattr(manifest_mod, "file_digest", failing_digest)
+    with pytest.raises(CheckpointCorruptError, match=rf"{bad}: unreadable \(Input/output error\)"):
+        choose_local_checkpoint(tmp_path, "fail")
+    assert choose_local_checkpoint(tmp_path, "fallback") == CKPT.format(2)
+    assert (tmp_path / ".quarantine" / CKPT.format(4)).is_file()
+    assert (tmp_path / "latest-rank0.pt").resolve() == (tmp_path / CKPT.format(2)).resolve()
