@@ -57,9 +57,33 @@ def _causal(
     return kv_idx <= q_idx
 
 
+#: FlexAttention's default sparse block size (queries and keys).
+_BLOCK = 128
+
+
 @functools.lru_cache(maxsize=32)
 def _causal_block_mask(seq_len: int, device: torch.device) -> BlockMask:
-    return create_block_mask(_causal, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+    """Causal block mask. For whole blocks it is written down directly (row ``i``: blocks
+    ``0..i-1`` full, block ``i`` partial) instead of evaluating the mask over every (query, key)
+    pair: at StoryWriter's 65k tokens that evaluation is a 4.3 GB temporary on the GPU."""
+    if seq_len % _BLOCK:
+        return create_block_mask(
+            _causal, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device
+        )
+    n = seq_len // _BLOCK
+    rows = torch.arange(n, device=device, dtype=torch.int32)
+    blocks = torch.arange(n, device=device, dtype=torch.int32).expand(n, n)
+    # Indices are read up to each row's count; what lies past it is never looked at.
+    partial_idx = torch.cat([rows[:, None], blocks[:, : n - 1]], dim=1)
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks=torch.ones(1, 1, n, device=device, dtype=torch.int32),
+        kv_indices=partial_idx[None, None].contiguous(),
+        full_kv_num_blocks=rows[None, None].clone(),
+        full_kv_indices=blocks[None, None].contiguous(),
+        BLOCK_SIZE=_BLOCK,
+        mask_mod=_causal,
+        seq_lengths=(seq_len, seq_len),
+    )
 
 
 def _document_block_mask(seq_id_BS: torch.Tensor) -> BlockMask:

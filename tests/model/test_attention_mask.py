@@ -84,3 +84,44 @@ def test_sdpa_mask_is_built_in_the_autocast_dtype() -> None:
             out = model(torch.randint(0, 64, (1, 16)))
         model(torch.randint(0, 64, (1, 16)))
     assert seen == [torch.bfloat16, torch.float32] and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("seq_len", [128, 384, 1024, 2048, 300])
+def test_causal_block_mask_written_down_equals_the_evaluated_one(seq_len: int) -> None:
+    """The causal block mask is built from block indices (no [S, S] evaluation: 4.3 GB at 65k
+    tokens); it must be exactly the mask FlexAttention would derive from ``kv <= q``."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    import mpt_train.model.flex as flex
+
+    cpu = torch.device("cpu")
+    ref = create_block_mask(flex._causal, None, None, seq_len, seq_len, device=cpu)
+    got = flex._causal_block_mask(seq_len, cpu)
+    pairs = (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices"),
+             ("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices"))  # fmt: skip
+    for count, index in pairs:
+        assert torch.equal(getattr(got, count), getattr(ref, count)), count
+        for row, n in enumerate(getattr(ref, count)[0, 0].tolist()):  # entries past n unused
+            want = sorted(getattr(ref, index)[0, 0, row, :n].tolist())
+            assert sorted(getattr(got, index)[0, 0, row, :n].tolist()) == want, (index, row)
+    if seq_len <= 1024:
+        q, k, v = torch.randn(3, 1, 2, seq_len, 16).unbind(0)
+        torch.testing.assert_close(
+            flex_attention(q, k, v, block_mask=got), flex_attention(q, k, v, block_mask=ref)
+        )
+
+
+def test_long_context_causal_block_mask_is_built_without_evaluating_the_mask(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mpt_train.model.flex as flex
+
+    def evaluate(*args, **kwargs):
+        raise AssertionError("evaluated the [S, S] mask (4.3 GB at 65k tokens)")
+
+    monkeypatch.setattr(flex, "create_block_mask", evaluate)
+    flex._causal_block_mask.cache_clear()
+    mask = flex._causal_block_mask(65536, torch.device("cpu"))
+    assert mask.kv_num_blocks.shape == (1, 1, 512) and mask.seq_lengths == (65536, 65536)
+    assert mask.full_kv_num_blocks[0, 0, -1] == 511  # the last row sees every earlier block
+    flex._causal_block_mask.cache_clear()
