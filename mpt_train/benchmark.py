@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -34,7 +35,7 @@ from mpt_train.config import ConfigError, RunConfig, load_config
 from mpt_train.config.schema import train_seq_len
 from mpt_train.data.config import TextLoaderConfig
 
-__all__ = ["BenchmarkRow", "StepTimer", "format_row", "main", "run_benchmark"]
+__all__ = ["BenchmarkRow", "StepProfiler", "StepTimer", "format_row", "main", "run_benchmark"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,64 @@ class StepTimer(Callback):
         flops_fn = getattr(state.model, "flops_per_batch", None)
         flops = float(flops_fn(state.batch)) * dist.get_world_size() if flops_fn else 0.0
         self.marks.append((time.perf_counter(), int(state.timestamp.token), flops))
+
+
+class StepProfiler(Callback):
+    """``torch.profiler`` over the steps from ``start_batch`` to the end of the run: a Chrome
+    trace per rank (open in Perfetto) and a table of the ops that took the time.
+
+    It runs after the timed steps, so the row's figures are not slowed by the profiler.
+    """
+
+    def __init__(self, start_batch: int, out_dir: str | Path) -> None:
+        self.start_batch = start_batch
+        self.out_dir = Path(out_dir)
+        self.prof: torch.profiler.profile | None = None
+        self.steps = 0
+        self.wall = 0.0
+        self._t0 = 0.0
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        if self.prof is None and int(state.timestamp.batch) == self.start_batch:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if not torch.cuda.is_available():  # else Kineto logs a failed GPU probe as an error
+                os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+            else:
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+                torch.cuda.synchronize()
+            self.prof = torch.profiler.profile(activities=activities)
+            self.prof.__enter__()
+            self._t0 = time.perf_counter()
+        if self.prof is not None:
+            self.steps += 1
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        if self.prof is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.wall = time.perf_counter() - self._t0
+        self.prof.__exit__(None, None, None)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prof.export_chrome_trace(str(self.trace_path()))
+
+    def trace_path(self) -> Path:
+        return self.out_dir / f"trace-rank{dist.get_global_rank()}.json"
+
+    def summary(self, top: int = 20) -> str:
+        """Per-step wall and device time, and the ``top`` ops by self time (device first)."""
+        if self.prof is None or not self.steps:
+            return "profile: no step was profiled"
+        events = self.prof.key_averages()
+        on_gpu = torch.cuda.is_available()
+        key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+        busy_ms = sum(getattr(e, key) for e in events) / 1e3 / self.steps
+        wall_ms = 1e3 * self.wall / self.steps
+        head = f"profile of the last {self.steps} step(s): {wall_ms:.1f} ms/step wall"
+        if on_gpu:
+            head += f", {busy_ms:.1f} ms/step in GPU kernels ({100 * busy_ms / wall_ms:.0f}% busy)"
+        table = events.table(sort_by=key, row_limit=top)
+        return f"{head}\ntrace: {self.trace_path()}\n{table}"
 
 
 @dataclass
@@ -124,13 +183,15 @@ def run_benchmark(
     gpu_type: str | None = None,
     name: str = "",
     synthetic: bool = True,
+    profiler: StepProfiler | None = None,
 ) -> BenchmarkRow:
     """Run ``steps`` steps of ``cfg`` through the real trainer and measure the last ones.
 
     ``synthetic`` (default) swaps the spec's data for random ids of the same shape (see
     :mod:`mpt_train.data.synthetic`): the figures are the model's and the trainer's, with no
     bucket, cache or tokenizer needed. ``synthetic=False`` reads the spec's own data, to see
-    whether the loader keeps up.
+    whether the loader keeps up. A ``profiler`` runs over the steps after ``steps`` (see
+    :class:`StepProfiler`), outside the timed window.
     """
     from dataclasses import replace
 
@@ -161,9 +222,13 @@ def run_benchmark(
             finetune_loader=None,
             icl_tasks=[],
         )
+    extra_steps = 0
+    if profiler is not None:
+        profiler.start_batch = steps
+        extra_steps = 2
     cfg = replace(
         cfg,
-        max_duration=f"{steps}ba",
+        max_duration=f"{steps + extra_steps}ba",
         eval_loader=None,
         eval_loaders={},
         eval_subset_num_batches=-1,
@@ -178,7 +243,7 @@ def run_benchmark(
         cost = replace(cfg.callbacks.cost_monitor, ledger=False)
         cfg = replace(cfg, callbacks=replace(cfg.callbacks, cost_monitor=cost))
     timer = StepTimer()
-    trainer = build_trainer(cfg, extra_callbacks=[timer])
+    trainer = build_trainer(cfg, extra_callbacks=[timer, *([profiler] if profiler else [])])
     try:
         trainer.fit()
         state = trainer.state
@@ -186,9 +251,10 @@ def run_benchmark(
         precision = str(state.precision.value)
     finally:
         trainer.close()
-    (t0, tok0, _), (t1, tok1, _) = timer.marks[warmup - 1], timer.marks[-1]
+    marks = timer.marks[:steps]  # the profiled steps after them are not timed
+    (t0, tok0, _), (t1, tok1, _) = marks[warmup - 1], marks[-1]
     dt = t1 - t0
-    flops = sum(f for _, _, f in timer.marks[warmup:])
+    flops = sum(f for _, _, f in marks[warmup:])
     gpu_type = gpu_type or detect_gpu_type()
     if peak_flops is None and gpu_type is not None:
         peak_flops = get_gpu(gpu_type).peak_flops
@@ -217,7 +283,7 @@ def run_benchmark(
         precision=precision,
         sharding=sharding,
         activation_checkpointing=ac,
-        steps_timed=len(timer.marks) - warmup,
+        steps_timed=len(marks) - warmup,
         data="synthetic" if synthetic else "spec",
     )
 
@@ -233,6 +299,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object")
     parser.add_argument("--name", default=None, help="the row's Model column (default: spec name)")
     parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        default=None,
+        help="after the timed steps, profile 2 more: Chrome trace per rank in DIR and a table "
+        "of the ops that took the time",
+    )
+    parser.add_argument(
         "--real-data",
         action="store_true",
         help="read the spec's train_loader instead of synthetic batches of the same shape",
@@ -241,16 +314,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mpt_train.cli import setup_logging
 
     setup_logging()
+    profiler = StepProfiler(0, args.profile) if args.profile else None
     try:
         cfg = load_config(args.spec, args.overrides)
         row = run_benchmark(
             cfg, steps=args.steps, warmup=args.warmup, peak_flops=args.peak_flops,
             gpu_type=args.gpu, name=args.name or Path(args.spec).stem, synthetic=not args.real_data,
+            profiler=profiler,
         )  # fmt: skip
     except ConfigError as e:
         print(f"error in run spec {args.spec}: {e}", file=sys.stderr)
         return 2
     if dist.get_global_rank() == 0:
+        if profiler is not None:
+            print(profiler.summary(), flush=True)
         out: Any = json.dumps(asdict(row)) if args.json else format_row(row)
         print(out, flush=True)
     return 0

@@ -77,14 +77,18 @@ def test_benchmark_of_a_shipped_pretraining_spec_needs_no_data_or_tokenizer(
         "model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.vocab_size=512",
         "variables.max_seq_len=64", "global_train_batch_size=4", "device_train_microbatch_size=2",
         "fsdp.activation_checkpointing=true", "--steps", "4", "--warmup", "1", "--json",
-        "--peak-flops", "1e11",
+        "--peak-flops", "1e11", "--profile", "prof",
     ]  # fmt: skip
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     row = json.loads(run.stdout.strip().splitlines()[-1])
     assert row["model"] == "mpt-125m" and row["data"] == "synthetic"
     assert row["seq_len"] == 64 and row["micro_batch"] == 2 and row["grad_accum"] == 2
-    assert row["steps_timed"] == 3 and row["tokens_per_sec"] > 0
+    assert row["steps_timed"] == 3 and row["tokens_per_sec"] > 0  # profiled steps come after
+    # --profile: a trace and the table of the ops that took the time, printed before the row.
+    assert "profile of the last 2 step(s)" in run.stdout and "aten::mm" in run.stdout
+    trace = json.loads((tmp_path / "prof" / "trace-rank0.json").read_text())
+    assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
     # One rank: no FSDP, but activation checkpointing still applies, and HFU counts it.
     assert row["activation_checkpointing"] and row["sharding"] == "none"
     assert row["hfu"] == pytest.approx(row["mfu"] * 4 / 3) and 0 < row["mfu"] < 1
