@@ -9,16 +9,20 @@ import mpt_train.model.attention as attention
 from mpt_train.model import AttentionConfig, MPTConfig, build_model
 
 
+def _cfg(impl: str, packed: bool) -> MPTConfig:
+    """Three layers, so that a per-layer mask would be built three times."""
+    return MPTConfig(
+        d_model=32, n_heads=4, n_layers=3, max_seq_len=16, vocab_size=64,
+        attn_config=AttentionConfig(impl=impl, attn_uses_sequence_id=packed),
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_mask_is_built_once_per_forward_and_never_reused_across_batches(
     packed: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = MPTConfig(
-        d_model=32, n_heads=4, n_layers=3, max_seq_len=16, vocab_size=64,
-        attn_config=AttentionConfig(impl="sdpa", attn_uses_sequence_id=packed),
-    )  # fmt: skip
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(_cfg("sdpa", packed))
     built = []
     real = attention._keep_mask
     monkeypatch.setattr(attention, "_keep_mask", lambda *a: built.append(1) or real(*a))
@@ -30,11 +34,7 @@ def test_mask_is_built_once_per_forward_and_never_reused_across_batches(
     out_b = model(ids, sequence_id=seq_b if packed else None)
     assert len(built) == 2  # a new forward (new batch) builds its own
     # Reference without the cache: a fresh torch-backend model with the same weights.
-    ref_cfg = MPTConfig(
-        d_model=32, n_heads=4, n_layers=3, max_seq_len=16, vocab_size=64,
-        attn_config=AttentionConfig(impl="torch", attn_uses_sequence_id=packed),
-    )  # fmt: skip
-    ref = build_model(ref_cfg)
+    ref = build_model(_cfg("torch", packed))
     ref.load_state_dict(model.state_dict())
     torch.testing.assert_close(
         out_b, ref(ids, sequence_id=seq_b if packed else None), atol=1e-5, rtol=1e-5
@@ -47,13 +47,9 @@ def test_mask_is_built_once_per_forward_and_never_reused_across_batches(
 def test_flex_block_mask_is_built_once_per_forward(
     packed: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = MPTConfig(
-        d_model=32, n_heads=4, n_layers=3, max_seq_len=16, vocab_size=64,
-        attn_config=AttentionConfig(impl="flex", attn_uses_sequence_id=packed),
-    )  # fmt: skip
     import mpt_train.model.flex as flex
 
-    model = build_model(cfg)
+    model = build_model(_cfg("flex", packed))
     built = []
     real = flex.create_block_mask
     monkeypatch.setattr(flex, "create_block_mask", lambda *a, **k: built.append(1) or real(*a, **k))
