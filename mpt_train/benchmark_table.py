@@ -169,7 +169,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error in table {args.table}: {e}", file=sys.stderr)
         return 2
     if args.only is not None:
-        table.rows = [r for r in table.rows if (r.name or Path(r.spec).stem) in args.only]
+        names = [r.name or Path(r.spec).stem for r in table.rows]
+        unknown = sorted(set(args.only) - set(names))
+        if unknown:
+            print(f"error: --only {unknown} not in {args.table} (rows: {names})", file=sys.stderr)
+            return 2
+        table.rows = [r for r, n in zip(table.rows, names) if n in args.only]
     table_dir = root = Path(args.table).resolve().parent
     while not (root / "yamls").is_dir() and root != root.parent:
         root = root.parent  # specs are relative to the repository root

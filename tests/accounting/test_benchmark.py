@@ -137,6 +137,13 @@ def test_table_file_rejects_unknown_keys_by_name(tmp_path: Path) -> None:
         load_table(path)
 
 
+def test_only_names_rows_that_exist(capsys: pytest.CaptureFixture[str]) -> None:
+    from mpt_train.benchmark_table import main
+
+    assert main([str(REPO / "yamls/benchmarks/h100.yaml"), "--only", "mpt-1b", "mpt-2b"]) == 2
+    assert "['mpt-2b'] not in" in capsys.readouterr().err  # nothing ran
+
+
 def test_shipped_h100_table_covers_the_sizes_and_loads() -> None:
     from mpt_train.benchmark_table import load_table
     from mpt_train.config import load_config
