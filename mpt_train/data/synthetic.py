@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mpt_train.data.config import TextLoaderConfig
 
@@ -59,20 +59,21 @@ class SyntheticTokens(Dataset):
         return item
 
 
-class RankStride(Sampler[int]):
+class RankStride(DistributedSampler):
     """Rank ``r`` of ``w`` reads samples ``r, r + w, r + 2w, ...``, lazily.
 
-    torch's DistributedSampler materialises the whole index list: two billion ints here.
+    A ``DistributedSampler`` (Composer requires one on several ranks, and saves its position)
+    whose index list is a ``range``: the parent's would materialise two billion ints.
     """
 
-    def __init__(self, num_samples: int, rank: int, world_size: int) -> None:
-        self.indices = range(rank, num_samples - num_samples % world_size, world_size)
+    def __init__(self, dataset: Dataset, rank: int, world_size: int) -> None:
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=True)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
+        return iter(range(self.rank, self.num_samples * self.num_replicas, self.num_replicas))
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return self.num_samples
 
 
 def build_synthetic_dataloader(
@@ -93,7 +94,7 @@ def build_synthetic_dataloader(
     dataset = SyntheticTokens(
         vocab_size, cfg.dataset.max_seq_len, cfg.dataset.shuffle_seed, emit_sequence_id
     )
-    sampler = RankStride(len(dataset), dist.get_global_rank(), dist.get_world_size())
+    sampler = RankStride(dataset, dist.get_global_rank(), dist.get_world_size())
     extra = {}
     if cfg.num_workers > 0:  # torch rejects these without workers
         extra = {

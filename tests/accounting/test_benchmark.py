@@ -164,3 +164,22 @@ def test_table_row_without_a_result_line_is_a_failed_row_not_a_crash() -> None:
     assert _result(done("")).startswith("no result row")
     assert _result(done("some library said goodbye\n")).startswith("no result row")
     assert _result(done("", 1, "x\ntorch.OutOfMemoryError: CUDA out of memory")) == "out of memory"
+
+
+@pytest.mark.slow
+def test_benchmark_on_two_ranks_shards_and_reports_per_gpu(tmp_path: Path) -> None:
+    """``composer -n N scripts/benchmark.py SPEC``: synthetic batches split over the ranks
+    (Composer refuses a loader without a distributed sampler), rank 0 prints the row."""
+    from tests.training.conftest import composer_cmd, run
+
+    cmd = [
+        *composer_cmd(2), str(REPO / "scripts" / "benchmark.py"), str(REPO / "yamls/mpt-125m.yaml"),
+        "precision=fp32", "compile.enabled=false", "model.attn_config.impl=sdpa",
+        "model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.vocab_size=512",
+        "variables.max_seq_len=64", "global_train_batch_size=4", "device_train_microbatch_size=2",
+        "--steps", "4", "--warmup", "1", "--json",
+    ]  # fmt: skip
+    out = run(cmd, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"}).stdout
+    row = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
+    assert row["gpus"] == 2 and row["sharding"] == "FULL_SHARD" and row["grad_accum"] == 1
+    assert row["tokens_per_sec_per_gpu"] == pytest.approx(row["tokens_per_sec"] / 2)

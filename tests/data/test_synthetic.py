@@ -30,10 +30,14 @@ def test_samples_are_a_function_of_seed_and_index() -> None:
 
 
 def test_ranks_read_disjoint_samples_without_an_index_list() -> None:
-    per_rank = [list(RankStride(10, rank, 3)) for rank in range(3)]
+    from torch.utils.data import DistributedSampler
+
+    small = SyntheticTokens(8, 4, seed=0, num_samples=10)
+    per_rank = [list(RankStride(small, rank, 3)) for rank in range(3)]
     assert per_rank == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]
-    huge = RankStride(2**31 - 1, 1, 8)  # lazy: no two-billion-entry list
+    huge = RankStride(SyntheticTokens(8, 4, seed=0), 1, 8)  # lazy: no 2-billion-entry list
     assert len(huge) == (2**31 - 1) // 8 and next(iter(huge)) == 1
+    assert isinstance(huge, DistributedSampler)  # what Composer requires on several ranks
 
 
 def test_dataloader_yields_batches_of_the_section_shape() -> None:
