@@ -52,12 +52,7 @@ def test_unknown_loader_kind_names_the_key() -> None:
         TextLoaderConfig(name="random")
 
 
-def test_trains_with_no_data_and_no_reachable_tokenizer(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A synthetic run never opens a dataset or loads the tokenizer (a cluster smoke test)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def _spec(**top) -> dict:
     spec = {
         "run_name": "synthetic",
         "model": {"d_model": 32, "n_heads": 2, "n_layers": 2, "max_seq_len": 32,
@@ -70,6 +65,35 @@ def test_trains_with_no_data_and_no_reachable_tokenizer(
         "optimizer": {"lr": 1e-2},
         "scheduler": {"t_warmup": "0ba"},
     }  # fmt: skip
+    return {**spec, **top}
+
+
+def test_a_resumed_synthetic_run_sees_the_batches_it_would_have_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mpt_train.trainer import build_trainer
+    from tests.reliability.faults import StopAfter
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    train(load_config_dict(_spec(run_name="whole", max_duration="6ba")))
+    whole = [r["loss/train/total"] for r in read_metrics(tmp_path / "runs/whole/metrics.jsonl")]
+    cut = _spec(run_name="cut", max_duration="6ba", save_folder="ckpt", save_interval="3ba")
+    trainer = build_trainer(load_config_dict(cut), extra_callbacks=[StopAfter(3)])
+    trainer.fit()
+    trainer.close()
+    train(load_config_dict(cut))  # autoresume from batch 3
+    rows = read_metrics(tmp_path / "runs/cut/metrics.jsonl")
+    assert [r["loss/train/total"] for r in rows if r["step"] > 3] == whole[3:]
+
+
+def test_trains_with_no_data_and_no_reachable_tokenizer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A synthetic run never opens a dataset or loads the tokenizer (a cluster smoke test)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = _spec()
     train(load_config_dict(spec))
     losses = [
         r["loss/train/total"] for r in read_metrics(tmp_path / "runs/synthetic/metrics.jsonl")
