@@ -1,7 +1,8 @@
 """FlexAttention path: ALiBi as a ``score_mod`` and causal / document masks as block masks.
 
 FlexAttention only runs fast once ``torch.compile`` has generated a fused kernel for it, so on
-CUDA the compiled function is built once per process and reused. On CPU it runs eagerly (an
+CUDA the compiled function is built once per process and reused; inside a compiled block
+(``compile.enabled``) the block's own compile generates it, in the block's graph. On CPU it runs eagerly (an
 unfused reference that materialises the scores): torch 2.7's CPU FlexAttention compile path
 has no backward (its lowering fails with ``IndexError`` when inputs need grad) and, on a
 multi-threaded host, emits C++ that does not compile. Causal block masks are cached per
@@ -145,9 +146,14 @@ def flex_attend(
         ) -> torch.Tensor:
             return score + slopes[h] * (kv_idx - q_idx)
 
-    if compiled is None:
-        compiled = q_BHQD.is_cuda
-    flex_fn = _compiled_flex() if compiled else flex_attention
+    if torch.compiler.is_compiling():
+        # Inside a compiled block the surrounding torch.compile generates the fused kernel;
+        # reaching for the separately compiled function from there would break the graph.
+        flex_fn = flex_attention
+    else:
+        if compiled is None:
+            compiled = q_BHQD.is_cuda
+        flex_fn = _compiled_flex() if compiled else flex_attention
     return flex_fn(
         q_BHQD,
         k_BGKD,

@@ -230,3 +230,31 @@ def test_fast_path_under_two_rank_fsdp_trains_like_the_plain_path(
         losses[spec["run_name"]] = [r["loss/train/total"] for r in rows]
     assert len(losses["fast"]) == 4
     assert losses["fast"] == pytest.approx(losses["plain"], rel=1e-5)
+
+
+def test_flex_inside_a_compiled_block_is_left_to_that_compile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a GPU ``flex_attend`` uses its own compiled FlexAttention; inside a compiled block that
+    would break the block's graph (and fail under ``fullgraph``): the outer compile must get
+    the plain op and fuse it itself."""
+    import torch._dynamo
+
+    import mpt_train.model.flex as flex
+    from mpt_train.model.alibi import alibi_slopes
+
+    def separately_compiled() -> None:
+        raise AssertionError("separately compiled FlexAttention used inside a compiled region")
+
+    monkeypatch.setattr(flex, "_compiled_flex", separately_compiled)
+    q = torch.randn(1, 2, 128, 16)
+    slopes = alibi_slopes(2)
+
+    def attend(x: torch.Tensor) -> torch.Tensor:  # compiled=True: what CUDA inputs choose
+        return flex.flex_attend(x, x, x, slopes_H=slopes, softmax_scale=0.25, compiled=True)
+
+    torch._dynamo.reset()
+    out = torch.compile(attend, backend="aot_eager", fullgraph=True)(q)
+    ref = flex.flex_attend(q, q, q, slopes_H=slopes, softmax_scale=0.25, compiled=False)
+    torch.testing.assert_close(out, ref)
+    torch._dynamo.reset()
