@@ -258,3 +258,33 @@ def test_flex_inside_a_compiled_block_is_left_to_that_compile(
     ref = flex.flex_attend(q, q, q, slopes_H=slopes, softmax_scale=0.25, compiled=False)
     torch.testing.assert_close(out, ref)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("impl", ["flex", "sdpa"])
+def test_compiled_blocks_under_bf16_autocast_trace_whole_and_match_eager(impl: str) -> None:
+    """GPU runs compile blocks under bf16 autocast with the low-precision LayerNorm (its own
+    autocast switch) and a mask built in the autocast dtype: still one graph per block."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    def model() -> torch.nn.Module:
+        return _model(n_layers=3, max_seq_len=128, norm_type="low_precision_layernorm",
+                      attn_config={"impl": impl})  # fmt: skip
+
+    eager, compiled = model(), model()
+    torch._dynamo.reset()
+    counters.clear()
+    for block in compiled.blocks:
+        block.compile(backend="aot_eager", fullgraph=True)
+    ids = torch.randint(0, 96, (2, 128))
+    losses = []
+    for m in (eager, compiled):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(ids, targets=shift_labels({"input_ids": ids}))
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0])
+    for (name, pa), pb in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, msg=name)
+    assert not counters["graph_break"]
+    torch._dynamo.reset()
