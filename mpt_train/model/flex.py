@@ -6,8 +6,9 @@ CUDA the compiled function is built once per process and reused; inside a compil
 unfused reference that materialises the scores): torch 2.7's CPU FlexAttention compile path
 has no backward (its lowering fails with ``IndexError`` when inputs need grad) and, on a
 multi-threaded host, emits C++ that does not compile. Causal block masks are cached per
-(sequence length, device) since building one costs a pass over all blocks. Masks that
-depend on the batch's ``sequence_id`` are rebuilt every call (they change with the data).
+(sequence length, device); masks that depend on the batch's ``sequence_id`` are rebuilt every
+call (they change with the data). Neither evaluates the mask over every (query, key) pair
+when the length is a whole number of blocks.
 Slopes are passed as a tensor captured by the score_mod, so new values never recompile.
 
 Legend: B batch, H query heads, G key/value heads, Q/K/S query/key/sequence length, D head dim.
@@ -87,16 +88,63 @@ def _causal_block_mask(seq_len: int, device: torch.device) -> BlockMask:
     )
 
 
-def _document_block_mask(seq_id_BS: torch.Tensor) -> BlockMask:
+def _same_doc_mask_mod(seq_id_BS: torch.Tensor) -> Callable[..., torch.Tensor]:
     def causal_same_doc(
         b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
     ) -> torch.Tensor:
         return (kv_idx <= q_idx) & (seq_id_BS[b, q_idx] == seq_id_BS[b, kv_idx])
 
+    return causal_same_doc
+
+
+def _document_block_mask(seq_id_BS: torch.Tensor) -> BlockMask:
+    """Causal same-document block mask, classified from per-block id ranges.
+
+    ``create_block_mask`` evaluates the mask over every (query, key) pair, ``[B, S, S]``: a
+    17 GB temporary for a batch of four 65k-token rows. Here a block pair is decided from the
+    smallest and largest document id of each block (``[B, S / 128]`` numbers): *empty* when the
+    ranges do not overlap (no pair can share a document), *full* when both blocks hold one and
+    the same document, *partial* (the mask_mod decides per token) otherwise. That is exact for
+    packed rows (ids non-decreasing, as text packing writes them) and conservative, never
+    wrong, for any other ids such as fine-tuning's ``-1`` padding.
+    """
     batch, seq_len = seq_id_BS.shape
-    return create_block_mask(
-        causal_same_doc, B=batch, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=seq_id_BS.device
+    mask_mod = _same_doc_mask_mod(seq_id_BS)
+    if seq_len % _BLOCK:
+        return create_block_mask(
+            mask_mod, B=batch, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=seq_id_BS.device
+        )
+    n = seq_len // _BLOCK
+    ids_BNT = seq_id_BS.view(batch, n, _BLOCK)
+    lo_BN, hi_BN = ids_BNT.amin(-1), ids_BNT.amax(-1)
+    q_lo, q_hi = lo_BN[:, :, None], hi_BN[:, :, None]  # query block i on rows
+    kv_lo, kv_hi = lo_BN[:, None, :], hi_BN[:, None, :]  # key block j on columns
+    overlap_BNN = (kv_lo <= q_hi) & (q_lo <= kv_hi)
+    one_doc_BNN = (q_lo == q_hi) & (kv_lo == kv_hi) & (q_lo == kv_lo)
+    below = torch.ones(n, n, dtype=torch.bool, device=seq_id_BS.device).tril(-1)
+    diagonal = torch.eye(n, dtype=torch.bool, device=seq_id_BS.device)
+    full_BNN = below & one_doc_BNN
+    partial_BNN = ((below & ~one_doc_BNN) | diagonal) & overlap_BNN
+    kv_num, kv_idx = _as_kv_blocks(partial_BNN)
+    full_num, full_idx = _as_kv_blocks(full_BNN)
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks=kv_num,
+        kv_indices=kv_idx,
+        full_kv_num_blocks=full_num,
+        full_kv_indices=full_idx,
+        BLOCK_SIZE=_BLOCK,
+        mask_mod=mask_mod,
+        seq_lengths=(seq_len, seq_len),
     )
+
+
+def _as_kv_blocks(selected_BNN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query block, the count and (first in each row) the indices of the selected key
+    blocks, shaped ``[B, 1, N]`` and ``[B, 1, N, N]`` as ``BlockMask.from_kv_blocks`` wants."""
+    num_BN = selected_BNN.sum(-1, dtype=torch.int32)
+    # A stable sort of "not selected" puts the selected columns first, in ascending order.
+    idx_BNN = torch.argsort((~selected_BNN).to(torch.int8), dim=-1, stable=True)
+    return num_BN[:, None].contiguous(), idx_BNN.to(torch.int32)[:, None].contiguous()
 
 
 def flex_block_mask(

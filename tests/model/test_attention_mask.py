@@ -121,3 +121,87 @@ def test_long_context_causal_block_mask_is_built_without_evaluating_the_mask(
     assert mask.kv_num_blocks.shape == (1, 1, 512) and mask.seq_lengths == (65536, 65536)
     assert mask.full_kv_num_blocks[0, 0, -1] == 511  # the last row sees every earlier block
     flex._causal_block_mask.cache_clear()
+
+
+def _packed_ids(lengths_per_row: list[list[int]]) -> torch.Tensor:
+    """Document ids as text packing writes them: 0, 0, ..., 1, 1, ... (non-decreasing)."""
+    rows = [torch.cat([torch.full((n,), d) for d, n in enumerate(row)]) for row in lengths_per_row]
+    return torch.stack(rows)
+
+
+def _same_doc_sets(mask, count: str, index: str) -> list[list[set[int]]]:
+    counts, indices = getattr(mask, count), getattr(mask, index)
+    return [
+        [set(indices[b, 0, r, :n].tolist()) for r, n in enumerate(counts[b, 0].tolist())]
+        for b in range(counts.shape[0])
+    ]
+
+
+@pytest.mark.parametrize(
+    "docs",
+    [
+        [[512], [128, 384], [100, 156, 256]],  # one document; boundaries on and off blocks
+        [[1] * 12 + [500], [300, 1, 1, 210], [64] * 8],  # tiny documents, many per block
+    ],
+)
+def test_document_block_mask_from_block_ranges_equals_the_evaluated_one(docs) -> None:
+    """Packed rows: the block classification from per-block id ranges must be exactly
+    what ``create_block_mask`` derives by evaluating every (query, key) pair."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    import mpt_train.model.flex as flex
+
+    seq_id = _packed_ids(docs)
+    batch, seq_len = seq_id.shape
+    ref = create_block_mask(
+        flex._same_doc_mask_mod(seq_id), batch, None, seq_len, seq_len, device=torch.device("cpu")
+    )
+    got = flex._document_block_mask(seq_id)
+    for count, index in (
+        ("kv_num_blocks", "kv_indices"),
+        ("full_kv_num_blocks", "full_kv_indices"),
+    ):
+        assert torch.equal(getattr(got, count), getattr(ref, count)), count
+        assert _same_doc_sets(got, count, index) == _same_doc_sets(ref, count, index), index
+    q, k, v = torch.randn(3, batch, 2, seq_len, 16).unbind(0)
+    torch.testing.assert_close(
+        flex_attention(q, k, v, block_mask=got), flex_attention(q, k, v, block_mask=ref)
+    )
+
+
+def test_document_block_mask_is_exact_for_any_ids() -> None:
+    """Fine-tuning pads with id -1 and ids need not be sorted: the block mask may then keep
+    extra partial blocks, but attention must equal the dense same-document causal mask."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    import mpt_train.model.flex as flex
+
+    torch.manual_seed(0)
+    padded = torch.cat([torch.zeros(1, 200), torch.ones(1, 150), torch.full((1, 162), -1)], 1)
+    shuffled = torch.randint(0, 3, (1, 512))
+    seq_id = torch.cat([padded, shuffled]).long()
+    q, k, v = torch.randn(3, 2, 2, 512, 16).unbind(0)
+    got = flex_attention(q, k, v, block_mask=flex._document_block_mask(seq_id))
+    pos = torch.arange(512)
+    keep = (pos[None, :] <= pos[:, None]) & (seq_id[:, :, None] == seq_id[:, None, :])
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_long_context_document_block_mask_is_built_without_evaluating_the_mask(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mpt_train.model.flex as flex
+
+    def evaluate(*args, **kwargs):
+        raise AssertionError("evaluated the [B, S, S] mask (17 GB for four 65k rows)")
+
+    monkeypatch.setattr(flex, "create_block_mask", evaluate)
+    seq_id = _packed_ids([[65536], [40000, 25536]])
+    mask = flex.flex_block_mask(65536, seq_id, torch.device("cpu"))
+    assert mask.kv_num_blocks.shape == (2, 1, 512)
+    assert mask.full_kv_num_blocks[0, 0, -1] == 511  # one document: every earlier block full
+    # Second row: the last query block (in document 1) sees only document 1's blocks.
+    first_of_doc1 = 40000 // 128  # block 312 straddles the boundary: partial
+    assert mask.full_kv_num_blocks[1, 0, -1] == 511 - first_of_doc1 - 1
+    assert mask.kv_num_blocks[1, 0, -1] == 2  # the straddling block and the diagonal

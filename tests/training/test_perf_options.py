@@ -140,18 +140,21 @@ def test_flops_per_batch_is_the_same_on_every_call() -> None:
     assert first == 6 * n * 64 + 12 * 2 * 32 * 32 * 64
 
 
-@pytest.mark.parametrize("documents", [False, True])
-def test_compiled_flex_blocks_trace_whole_once_for_all_layers(documents: bool) -> None:
+@pytest.mark.parametrize("documents, seq_len", [(False, 32), (True, 32), (True, 256)])
+def test_compiled_flex_blocks_trace_whole_once_for_all_layers(
+    documents: bool, seq_len: int
+) -> None:
     """The GPU fast path (FlexAttention inside per-block torch.compile) must trace each block
     as one graph (a graph break splits the fused kernels), compile once for every layer (past
     dynamo's recompile limit of 8 the remaining layers would silently run eagerly), not
     recompile for new data, and train like the eager model. ``aot_eager`` traces exactly as
-    inductor does, without the code generation that needs a GPU."""
+    inductor does, without the code generation that needs a GPU. At 256 tokens the document
+    block mask is the one classified from block id ranges."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     def model() -> torch.nn.Module:
-        return _model(n_layers=10 if not documents else 3,
+        return _model(n_layers=10 if not documents else 3, max_seq_len=seq_len,
                       attn_config={"impl": "flex", "attn_uses_sequence_id": documents})  # fmt: skip
 
     eager, compiled = model(), model()
@@ -160,8 +163,8 @@ def test_compiled_flex_blocks_trace_whole_once_for_all_layers(documents: bool) -
     for block in compiled.blocks:
         block.compile(backend="aot_eager", fullgraph=True, dynamic=False)
     for step in range(2):  # new ids (and documents) on the second step
-        ids = torch.randint(0, 96, (2, 32))
-        seq_id = torch.cumsum(torch.rand(2, 32) < 0.1, dim=1) if documents else None
+        ids = torch.randint(0, 96, (2, seq_len))
+        seq_id = torch.cumsum(torch.rand(2, seq_len) < 0.1, dim=1) if documents else None
         for m in (eager, compiled):
             m.zero_grad()
             m(ids, sequence_id=seq_id, targets=shift_labels({"input_ids": ids})).backward()
