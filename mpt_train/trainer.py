@@ -297,12 +297,16 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
         )
     parallelism = _parallelism(cfg, device)
     model_cfg = cfg.model
-    if model_cfg.init_device == "meta" and not (parallelism and device == "gpu"):
-        # Composer materialises meta parameters on CUDA only; elsewhere build them here.
-        model_cfg = replace(model_cfg, init_device="cpu")
-    model = build_model(model_cfg, device="meta" if model_cfg.init_device == "meta" else "cpu")
-    if model_cfg.init_device == "meta":
+    if model_cfg.init_device == "meta" and parallelism and device == "gpu":
+        # FSDP shards the meta model, then Composer materialises each shard with this function.
+        model = build_model(model_cfg, device="meta")
         model.param_init_fn = lambda module: init_weights(module, model_cfg)
+    elif model_cfg.init_device == "meta" and device == "gpu":
+        # One GPU (or DDP): materialise straight on this rank's GPU; a host build of MPT-3B
+        # draws 2.7B random numbers on the CPU and copies 11 GB across before the first step.
+        model = build_model(model_cfg, device=torch.device("cuda", dist.get_local_rank()))
+    else:
+        model = build_model(model_cfg, device="cpu")
     model.fsdp_wrap_fn = lambda module: isinstance(module, MPTBlock)
     model.activation_checkpointing_fn = lambda module: isinstance(module, MPTBlock)
     if cfg.compile.enabled:

@@ -291,3 +291,48 @@ def test_compiled_blocks_under_bf16_autocast_trace_whole_and_match_eager(impl: s
         torch.testing.assert_close(pb.grad, pa.grad, msg=name)
     assert not counters["graph_break"]
     torch._dynamo.reset()
+
+
+class _Built(Exception):
+    """Stops build_trainer once the model's device is known."""
+
+
+@pytest.mark.parametrize(
+    "device, init_device, want",
+    [("gpu", "meta", "cuda:0"), ("gpu", "cpu", "cpu"), ("cpu", "meta", "cpu")],
+)
+def test_one_rank_meta_model_is_materialised_on_its_gpu(
+    device: str, init_device: str, want: str, mds_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On one GPU nothing shards a meta model, so the trainer materialises it itself: on the
+    GPU (not on the host, then copied), unless the spec asks for a host build."""
+    import mpt_train.trainer as trainer
+
+    seen = []
+
+    def record(cfg, device="cpu"):
+        seen.append(str(torch.device(device)))
+        raise _Built
+
+    monkeypatch.setattr(trainer, "build_model", record)
+    monkeypatch.setattr(trainer, "_device", lambda cfg: device)
+    init_dist = trainer.dist.initialize_dist
+    monkeypatch.setattr(
+        trainer.dist, "initialize_dist", lambda d, timeout: init_dist("cpu", timeout)
+    )
+    monkeypatch.setattr(trainer, "_precision", lambda cfg, device: "fp32")
+    spec = tiny_spec(mds_dir)
+    spec["model"]["init_device"] = init_device
+    with pytest.raises(_Built):
+        trainer.build_trainer(load_config_dict(spec))
+    assert seen == [want]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="materialising on a GPU needs CUDA")
+def test_one_gpu_meta_model_trains(mds_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = tiny_spec(mds_dir, max_duration="2ba", device="gpu")
+    spec["model"]["init_device"] = "meta"
+    t = train(load_config_dict(spec))
+    assert all(p.is_cuda for p in t.state.model.parameters())
+    assert len(read_metrics(tmp_path / "runs/tiny/metrics.jsonl")) == 2
