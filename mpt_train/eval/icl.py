@@ -164,12 +164,12 @@ def build_icl_task(cfg: ICLTaskConfig, tokenizer: PreTrainedTokenizerBase) -> IC
     return ICLTask(cfg, candidates, gold, len(recs))
 
 
-@torch.no_grad()
 def _padded_length(longest: int, max_seq_len: int) -> int:
     """The next power of two from 64, capped at ``max_seq_len``."""
     return min(max(64, 1 << (longest - 1).bit_length()), max_seq_len)
 
 
+@torch.no_grad()
 def score_continuations(
     model: torch.nn.Module, cands: list[Scored], max_seq_len: int, batch_size: int
 ) -> tuple[list[float], list[bool]]:

@@ -93,6 +93,21 @@ def test_oracle_scores_full_marks_and_wrong_oracle_zero(tok) -> None:
     assert evaluate_icl(Oracle(wrong), mc) == 0.0
 
 
+def test_icl_scoring_keeps_no_autograd_graph(tok) -> None:
+    """Scoring must not record a graph: during training, each ICL batch would otherwise hold
+    every layer's activations and the fp32 log-probs ``[B, S, 50432]`` for a backward that
+    never comes, on top of the weights and optimizer state (an OOM at eval time)."""
+    from mpt_train.model import MPTConfig, build_model
+
+    model = build_model(MPTConfig(d_model=16, n_heads=2, n_layers=1, max_seq_len=64,
+                                  vocab_size=len(tok) + 8))  # fmt: skip
+    grad_modes = []
+    model.register_forward_hook(lambda m, i, out: grad_modes.append(out.requires_grad))
+    evaluate_icl(model, build_icl_task(MC, tok))
+    assert grad_modes and not any(grad_modes)
+    assert torch.is_grad_enabled()  # the caller's mode is restored
+
+
 def _first(task, q: int) -> int:
     return next(i for i, c in enumerate(task.candidates) if c.question == q)
 
