@@ -93,6 +93,7 @@ class CheckpointIntegrity(Callback):
         self.min_free_space_factor = min_free_space_factor
         self._saver: CheckpointSaver | None = None
         self._last_size: int | None = None
+        self._keep = -1
 
     def init(self, state: State, logger: Logger) -> None:
         savers = [cb for cb in state.callbacks if isinstance(cb, CheckpointSaver)]
@@ -100,6 +101,12 @@ class CheckpointIntegrity(Callback):
             log.warning("no CheckpointSaver: checkpoint manifests are not written")
             return
         self._saver = savers[0]
+        # Composer rotates old checkpoints away inside its save, before this callback has
+        # written the new one's manifest: a crash in between (hashing tens of GB takes a while)
+        # would leave the new checkpoint incomplete and the previous one deleted, so the run
+        # would restart from scratch. Rotation happens here instead, once the manifest exists.
+        self._keep = self._saver.num_checkpoints_to_keep
+        self._saver.num_checkpoints_to_keep = -1
         original = self._saver._save_checkpoint
 
         def guarded_save(state: State, logger: Logger) -> None:
@@ -164,6 +171,31 @@ class CheckpointIntegrity(Callback):
             self._finish_remote(state, folder, name, remote)
         else:
             self._finish_local(state, folder, name)
+        self._rotate(state, folder, remote is not None)
+
+    def _rotate(self, state: State, folder: Path, remote: bool) -> None:
+        """Keep the newest ``save_num_checkpoints_to_keep`` checkpoints now that the one just
+        saved is complete.
+
+        Locally that counts every complete checkpoint in the folder, including those of
+        earlier attempts of the run (Composer's own rotation forgets them at every restart, so
+        each restart would leave one behind). For a bucket, the local copies of this process's
+        uploaded saves are rotated as Composer does; the bucket keeps every checkpoint.
+        """
+        saver = self._saver
+        if saver is None or self._keep < 0:
+            return
+        if remote:
+            saver.num_checkpoints_to_keep = self._keep
+            try:
+                saver._rotate_checkpoints(sharding_enabled=state.fsdp_sharded_state_dict_enabled)
+            finally:
+                saver.num_checkpoints_to_keep = -1
+        elif dist.get_global_rank() == 0 and folder.is_dir():
+            complete = [n for _, n in _checkpoints(folder) if manifest_path(folder, n).exists()]
+            for name in complete[self._keep :]:
+                _delete_checkpoint(folder, name)
+            _drop_stale_manifests(folder)
 
     def _space_problem(self, folder: Path, state: State) -> str | None:
         """Why a local save would fail now, or None. Checked on every rank before writing."""
@@ -275,6 +307,20 @@ def _state_bytes(state: State) -> int:
                     local = v.to_local() if hasattr(v, "to_local") else v
                     total += local.numel() * local.element_size()
     return total if any(len(o.state) for o in state.optimizers) else total * 3
+
+
+def _delete_checkpoint(folder: Path, name: str) -> None:
+    """Delete a checkpoint file or sharded folder; its manifest goes last, so a crash part way
+    leaves a checkpoint that fails verification (and is set aside), never one that passes."""
+    path = folder / name
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        manifest_path(folder, name).unlink()
+    log.info("removed old checkpoint %s (save_num_checkpoints_to_keep)", path)
 
 
 def _drop_stale_manifests(folder: Path) -> None:
@@ -393,6 +439,14 @@ def choose_local_checkpoint(folder: Path, on_corrupt: str, checksums: bool = Tru
                 "corrupt checkpoint %s: %s; falling back to the previous checkpoint", path, why
             )
         corrupt.append(name)
+    if chosen is None and corrupt:
+        # Starting over would silently throw away the whole run: that is a human's decision.
+        raise CheckpointCorruptError(
+            path,
+            f"{why}; and no checkpoint in {folder} is intact ({', '.join(corrupt)} failed "
+            "verification), so there is nothing to fall back to. Keep more than one "
+            "(save_num_checkpoints_to_keep), or move the folder aside to start the run over",
+        )
     # Rank 0 moves and points; every rank waits for its outcome and shares its failure, so none
     # lets Composer look for `latest` before it points at `chosen`, and none waits forever.
     outcome: list[str | None] = [None]

@@ -1,4 +1,5 @@
 """``train.py`` with faults: ``[composer -n N] fault_run.py [--kill-at B R] [--kill-during-save B]
+[--kill-before-manifest B]
 [--ledger PREFIX] SPEC [a.b=c ...]``. Real processes die for real (SIGKILL)."""
 
 from __future__ import annotations
@@ -12,13 +13,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from mpt_train.cli import setup_logging
 from mpt_train.config import load_config
 from mpt_train.trainer import build_trainer
-from tests.reliability.faults import KillAtBatch, SampleLedger, kill_during_save
+from tests.reliability.faults import (
+    KillAtBatch,
+    SampleLedger,
+    kill_before_manifest,
+    kill_during_save,
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kill-at", nargs=2, type=int, metavar=("BATCH", "RANK"))
     parser.add_argument("--kill-during-save", type=int, metavar="BATCH")
+    parser.add_argument("--kill-before-manifest", type=int, metavar="BATCH")
     parser.add_argument("--ledger")
     parser.add_argument("spec")
     parser.add_argument("overrides", nargs="*")
@@ -31,6 +38,8 @@ def main() -> None:
         callbacks.append(KillAtBatch(*args.kill_at))
     if args.kill_during_save:
         kill_during_save(args.kill_during_save)
+    if args.kill_before_manifest:
+        kill_before_manifest(args.kill_before_manifest)
     trainer = build_trainer(load_config(args.spec, args.overrides), extra_callbacks=callbacks)
     try:
         trainer.fit()

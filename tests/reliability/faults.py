@@ -80,6 +80,21 @@ def kill_during_save(batch: int) -> None:
     checkpoint._write_checkpoint_file = write
 
 
+def kill_before_manifest(batch: int) -> None:
+    """Die after the save at ``batch`` has written its files, before its manifest (while the
+    files are being hashed): the window in which old checkpoints must still exist."""
+    from mpt_train.reliability import checkpoints
+
+    original = checkpoints.describe_files
+
+    def describe(paths: list[Path], folder: Path) -> dict[str, Any]:
+        if any(f"-ba{batch}-" in Path(p).name for p in paths):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(paths, folder)
+
+    checkpoints.describe_files = describe
+
+
 class ScaleOutputs(Callback):
     """Multiply the logits of step ``step`` by ``factor`` (nan: a NaN loss; large: a spike)."""
 

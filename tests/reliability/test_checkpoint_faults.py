@@ -74,6 +74,64 @@ def test_kill_during_save_resumes_from_previous_complete_checkpoint(
     ).is_file()
 
 
+def test_kill_before_the_manifest_keeps_the_previous_checkpoint_with_keep_one(
+    mds_dir: Path, in_tmp: Path, reference: dict[int, float]
+) -> None:
+    """With ``save_num_checkpoints_to_keep: 1`` (the pretraining default) the previous
+    checkpoint is deleted only once the new one is complete: a crash while the new one is
+    hashed resumes from the previous one, not from batch 0."""
+    ckpt = in_tmp / "ckpt"
+    spec_file = write_spec(
+        in_tmp / "spec.yaml", spec_for(mds_dir, ckpt, save_num_checkpoints_to_keep=1)
+    )
+    killed = run(
+        [
+            sys.executable,
+            str(REPO / "tests/reliability/fault_run.py"),
+            "--kill-before-manifest",
+            "6",
+            str(spec_file),
+            "loggers.jsonl.path=first.jsonl",
+        ],
+        cwd=in_tmp,
+        check=False,
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert (ckpt / CKPT.format(4)).is_file(), "the last complete checkpoint was rotated away"
+    assert not (ckpt / CKPT.format(2)).exists()  # rotation still happens once complete
+
+    spec = spec_for(mds_dir, ckpt, save_num_checkpoints_to_keep=1)
+    spec["loggers"]["jsonl"] = {"path": "second.jsonl"}
+    train(load_config_dict(spec))
+    second = losses(in_tmp / "second.jsonl")
+    assert sorted(second) == [5, 6, 7, 8]
+    assert all(second[s] == reference[s] for s in second), (second, reference)
+    kept = sorted(p.name for p in ckpt.iterdir() if not p.name.startswith("."))
+    assert kept == [CKPT.format(8), f"{CKPT.format(8)}.manifest.json", "latest-rank0.pt"]
+
+
+def test_fallback_with_no_intact_checkpoint_stops_instead_of_starting_over(
+    mds_dir: Path, in_tmp: Path
+) -> None:
+    ckpt = in_tmp / "ckpt"
+    trainer = build_trainer(
+        load_config_dict(spec_for(mds_dir, ckpt, save_num_checkpoints_to_keep=1)),
+        extra_callbacks=[StopAfter(4)],
+    )
+    trainer.fit()
+    trainer.close()
+    only = ckpt / CKPT.format(4)
+    assert sorted(p.name for p in ckpt.glob("ep*.pt")) == [only.name]
+    data = bytearray(only.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    only.write_bytes(bytes(data))
+    spec = spec_for(mds_dir, ckpt, reliability={"on_corrupt_checkpoint": "fallback"})
+    with pytest.raises(CheckpointCorruptError, match="nothing to fall back to") as err:
+        train(load_config_dict(spec))
+    assert str(only) in str(err.value)
+    assert only.is_file(), "nothing is moved when the run stops"
+
+
 @pytest.mark.parametrize("damage", ["bitflip", "truncate"])
 def test_corrupt_checkpoint_is_named_then_fallback_resumes(
     damage: str, mds_dir: Path, in_tmp: Path, reference: dict[int, float]
