@@ -197,6 +197,7 @@ def run_benchmark(
 
     from mpt_train.trainer import build_trainer
 
+    label = name or cfg.run_name or "mpt"
     if warmup < 1:
         raise ConfigError(
             "warmup", f"got {warmup}, need >= 1 (the first step compiles and warms up)"
@@ -228,6 +229,8 @@ def run_benchmark(
         extra_steps = 2
     cfg = replace(
         cfg,
+        # Its own name: the spec's run (runs/<run_name>/config.yaml, checkpoints) is left alone.
+        run_name=f"benchmark-{label}",
         max_duration=f"{steps + extra_steps}ba",
         eval_loader=None,
         eval_loaders={},
@@ -238,7 +241,7 @@ def run_benchmark(
         loggers=replace(cfg.loggers, jsonl=None, wandb=None, console=False),
     )
     if cfg.callbacks.cost_monitor is not None:
-        # A benchmark is not an attempt of the run it borrows the spec (and run name) from:
+        # A benchmark is not an attempt of the run it borrows the spec from:
         # its steps must not be charged as work lost against that run's ledger, nor vice versa.
         cost = replace(cfg.callbacks.cost_monitor, ledger=False)
         cfg = replace(cfg, callbacks=replace(cfg.callbacks, cost_monitor=cost))
@@ -266,7 +269,7 @@ def run_benchmark(
     mem, kind = _peak_memory()
     sharding = cfg.fsdp.sharding_strategy if cfg.fsdp is not None and world > 1 else "none"
     return BenchmarkRow(
-        model=name or cfg.run_name or "mpt",
+        model=label,
         params=shape_model(cfg.model).num_params(),  # unsharded count
         seq_len=train_seq_len(cfg),
         gpus=world,

@@ -40,6 +40,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("spec", help="run spec YAML, e.g. yamls/quickstart.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as max_duration=20ba")
     parser.add_argument("--dry-run", action="store_true", help="check the spec, print it, exit")
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=int(os.environ.get("WORLD_SIZE", "1")),
+        help="with --dry-run: the GPU count the batch sizes must split across (default: "
+        "$WORLD_SIZE or 1)",
+    )
     args = parser.parse_intermixed_args(argv)
     setup_logging()
 
@@ -50,6 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             import yaml
 
+            from mpt_train.config.validate import check_batch_split
+
+            if args.world_size < 1:
+                raise ConfigError("--world-size", f"got {args.world_size}, expected >= 1")
+            check_batch_split(cfg, args.world_size)
             print(yaml.safe_dump(redact(to_container(cfg)), sort_keys=False))
             return 0
         from mpt_train.trainer import train

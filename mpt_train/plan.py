@@ -31,6 +31,7 @@ from mpt_train.accounting import (
 )
 from mpt_train.config import RunConfig, load_config
 from mpt_train.config.schema import train_seq_len
+from mpt_train.config.validate import check_batch_split, valid_world_sizes
 from mpt_train.errors import ConfigError
 
 __all__ = [
@@ -99,6 +100,11 @@ class Plan:
     deadline_days: float | None = None
     gpus_for_deadline: int | None = None
     nodes_for_deadline: int | None = None
+    #: device_train_microbatch_size to use at gpus_for_deadline, when the spec's does not fit.
+    microbatch_for_deadline: int | None = None
+    #: GPUs the deadline needs by compute alone (gpus_for_deadline rounds up to a batch split).
+    min_gpus_for_deadline: int | None = None
+    gpus_per_node: int = 8
 
 
 def make_plan(
@@ -120,6 +126,7 @@ def make_plan(
     if deadline_days is not None and deadline_days <= 0:
         raise ConfigError("deadline_days", f"got {deadline_days}, expected > 0")
     spec = get_gpu(gpu, "gpu")
+    _check_gpus(cfg, gpus)
     seq_len = train_seq_len(cfg)
     tokens = duration_tokens(cfg.max_duration, cfg.global_train_batch_size, seq_len)
     fpt = flops_per_token(cfg.model, seq_len)
@@ -153,10 +160,42 @@ def make_plan(
     if deadline_days is not None:
         # GPU-hours (and so dollars) do not depend on the GPU count at a fixed MFU; only time does.
         need = math.ceil(flops / (spec.peak_flops * mfu * deadline_days * SECONDS_PER_DAY))
+        batch = cfg.global_train_batch_size
+        fits = [n for n in range(need, batch + 1) if batch % n == 0]
+        if not fits:
+            raise ConfigError(
+                "deadline_days",
+                f"{deadline_days:g} days needs {need} GPUs, more than global_train_batch_size "
+                f"{batch} can be split across; raise the batch or the deadline",
+            )
+        plan.min_gpus_for_deadline = need
+        # The smallest count the spec runs on as written, else the smallest the batch splits
+        # across (with a smaller microbatch).
+        as_written = [n for n in valid_world_sizes(cfg, batch) if n >= need]
+        need = as_written[0] if as_written else fits[0]
+        per_rank, mb = batch // need, cfg.device_train_microbatch_size
+        if isinstance(mb, int) and per_rank % mb:
+            # Splitting wider leaves fewer samples per rank: the microbatch has to follow.
+            plan.microbatch_for_deadline = max(d for d in range(1, mb + 1) if per_rank % d == 0)
         plan.deadline_days = deadline_days
         plan.gpus_for_deadline = need
         plan.nodes_for_deadline = math.ceil(need / gpus_per_node)
+        plan.gpus_per_node = gpus_per_node
     return plan
+
+
+def _check_gpus(cfg: RunConfig, gpus: int) -> None:
+    """A plan the trainer would refuse to run is no plan: the batch must split across ``gpus``."""
+    try:
+        check_batch_split(cfg, gpus)
+    except ConfigError as e:
+        near = valid_world_sizes(cfg, 2 * gpus)
+        lower = [n for n in near if n < gpus][-1:]
+        higher = [n for n in near if n > gpus][:1]
+        options = " or ".join(str(n) for n in lower + higher) or "fewer"
+        raise ConfigError(
+            "gpus", f"{gpus} GPUs: {e}; the nearest GPU counts that fit: {options}"
+        ) from None
 
 
 def _si(v: float) -> str:
@@ -182,10 +221,21 @@ def format_text(p: Plan) -> str:
         f"  cost        ${p.cost_usd:,.0f} at ${p.price_per_gpu_hour:.2f}/GPU-hour",
     ]
     if p.deadline_days is not None:
+        assert p.gpus_for_deadline is not None and p.min_gpus_for_deadline is not None
+        done = p.days * p.gpus / p.gpus_for_deadline
+        split = ""
+        if p.gpus_for_deadline != p.min_gpus_for_deadline:
+            split = f" (compute alone needs {p.min_gpus_for_deadline}; the batch splits across this many)"
         lines.append(
-            f"  deadline    {p.deadline_days:g} days needs {p.gpus_for_deadline} GPUs "
-            f"({p.nodes_for_deadline} nodes of 8); same GPU-hours and cost"
+            f"  deadline    {p.deadline_days:g} days: {p.gpus_for_deadline} GPUs "
+            f"({p.nodes_for_deadline} nodes of {p.gpus_per_node}){split}, done in {done:.2f} "
+            "days; same GPU-hours and cost"
         )
+        if p.microbatch_for_deadline is not None:
+            lines.append(
+                f"              there, set device_train_microbatch_size={p.microbatch_for_deadline}"
+                f" (the per-rank batch is {p.global_batch_tokens // p.seq_len // p.gpus_for_deadline})"
+            )
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ from composer.utils.parallelism import FSDP2Config
 from mpt_train.callbacks import CostMonitor
 from mpt_train.composer_model import IGNORE_INDEX, ComposerMPT, shift_labels
 from mpt_train.config import RunConfig, redact, to_container
+from mpt_train.config.schema import check_schedule
 from mpt_train.config.validate import device_train_batch_size, validate_run
 from mpt_train.data import build_text_dataloader, load_tokenizer
 from mpt_train.data.config import TextLoaderConfig
@@ -267,6 +268,9 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
     if cfg.device_train_microbatch_size == "auto" and device != "gpu":
         raise ConfigError("device_train_microbatch_size", "'auto' needs a GPU; give an int on CPU")
     validate_run(cfg, world)
+    schedule_note = check_schedule(cfg.scheduler, cfg.max_duration)
+    if schedule_note and dist.get_global_rank() == 0:
+        log.warning(schedule_note)
     per_rank = device_train_batch_size(cfg, world)
 
     autoresume = cfg.autoresume

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mpt_train.data.config import TextLoaderConfig
+from mpt_train.data.config import EvalLoaderConfig, TextLoaderConfig
 from mpt_train.data.finetune import FinetuneLoaderConfig
 from mpt_train.errors import ConfigError, check_choice
 from mpt_train.eval.icl import ICLTaskConfig
@@ -34,6 +34,7 @@ __all__ = [
     "TokenizerConfig",
     "WandbLoggerConfig",
     "check_choice",
+    "check_schedule",
     "check_time",
     "train_seq_len",
 ]
@@ -93,6 +94,20 @@ class OptimizerConfig:
             raise ConfigError("betas", f"got {list(self.betas)}, expected two values in [0, 1)")
         if self.weight_decay < 0:
             raise ConfigError("weight_decay", f"got {self.weight_decay}, expected >= 0")
+        if self.eps < 0:
+            raise ConfigError("eps", f"got {self.eps}, expected >= 0")
+        if self.name == "decoupled_lionw" and self.implementation != "auto":
+            raise ConfigError(
+                "implementation",
+                f"got {self.implementation!r}, but decoupled_lionw has one implementation "
+                "(leave it 'auto'); the choice of kernels is for the AdamW optimizers",
+            )
+        if self.name == "adamw" and self.implementation == "composer":
+            raise ConfigError(
+                "implementation",
+                "'composer' is Composer's DecoupledAdamW loop, for name decoupled_adamw; "
+                "adamw runs on torch's fused or foreach kernel",
+            )
 
 
 @dataclass
@@ -166,6 +181,12 @@ class LossConfig:
             raise ConfigError(
                 "chunk_tokens", f"got {self.chunk_tokens}, expected 0 or a positive int"
             )
+        if self.chunk_tokens and self.train_metrics:
+            raise ConfigError(
+                "chunk_tokens",
+                f"got {self.chunk_tokens} with train_metrics: true, but train metrics need the "
+                "full logits the chunked loss exists to avoid; set one of them off",
+            )
 
 
 @dataclass
@@ -178,6 +199,17 @@ class CompileConfig:
     mode: str | None = None
     dynamic: bool = False
     fullgraph: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode is not None:
+            check_choice("mode", self.mode, COMPILE_MODES)
+        if self.enabled:
+            import torch._dynamo
+
+            check_choice("backend", self.backend, tuple(torch._dynamo.list_backends(())))
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -212,6 +244,10 @@ class SpeedMonitorConfig:
     window_size: int = 10
     # Peak FLOP/s of one device; None looks it up from the GPU name (no MFU on CPU).
     gpu_flops_available: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.window_size < 1:
+            raise ConfigError("window_size", f"got {self.window_size}, expected >= 1 batches")
 
 
 @dataclass
@@ -268,8 +304,8 @@ class RunConfig:
     run_name: str | None = None
     seed: int = 17
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    eval_loader: TextLoaderConfig | None = None
-    eval_loaders: dict[str, TextLoaderConfig] = field(default_factory=dict)
+    eval_loader: EvalLoaderConfig | None = None
+    eval_loaders: dict[str, EvalLoaderConfig] = field(default_factory=dict)
     eval_interval: str = "1000ba"
     eval_first: bool = False
     eval_subset_num_batches: int = -1
@@ -332,6 +368,81 @@ class RunConfig:
             )
         if self.eval_loader is not None and "eval" in self.eval_loaders:
             raise ConfigError("eval_loaders.eval", "the label 'eval' is taken by eval_loader")
+        if self.dist_timeout <= 0:
+            raise ConfigError("dist_timeout", f"got {self.dist_timeout}, expected seconds > 0")
+        check_schedule(self.scheduler, self.max_duration)
+        self._check_retention()
+
+    def _check_retention(self) -> None:
+        keep = self.save_num_checkpoints_to_keep
+        if keep < -1:
+            raise ConfigError(
+                "save_num_checkpoints_to_keep", f"got {keep}, expected -1 (all) or >= 0"
+            )
+        local = bool(self.save_folder) and "://" not in str(self.save_folder)
+        if keep == 0 and local:
+            raise ConfigError(
+                "save_num_checkpoints_to_keep",
+                f"0 keeps no local checkpoint, and save_folder {self.save_folder} is local: "
+                "nothing would be left to resume from (0 is for bucket save folders)",
+            )
+        if keep == 1 and local and self.reliability.on_corrupt_checkpoint == "fallback":
+            raise ConfigError(
+                "reliability.on_corrupt_checkpoint",
+                "'fallback' resumes from the previous good checkpoint, but "
+                "save_num_checkpoints_to_keep is 1, so there is never a previous one: keep 2 "
+                "or more (or -1 for all), or use 'fail'",
+            )
+
+
+#: Words for the units a schedule is counted in, once Composer has converted it.
+_UNIT_WORDS = {"ba": "batches", "tok": "tokens", "sp": "samples"}
+
+
+def check_schedule(sched: SchedulerConfig, max_duration: str) -> str | None:
+    """The LR schedule against the run's length, as Composer checks it when the Trainer is
+    built (after the model): here a mismatch fails in the spec, before any GPU time.
+
+    Composer converts ``dur`` to ``max_duration``'s unit and epochs to batches; warmup and
+    ``t_max`` must then be in the same unit and ``t_max`` must cover the run. Returns a warning
+    for a warmup as long as the run (it never reaches the peak learning rate), else None.
+    """
+    from composer.core import Time
+
+    max_dur = Time.from_timestring(max_duration)
+
+    def unit(t: Time) -> str:
+        u = max_dur.unit.value if t.unit.value == "dur" else t.unit.value
+        return "ba" if u == "ep" else u
+
+    def fraction(t: Time) -> float | None:
+        """``t`` as a fraction of the run, where the units allow telling without data."""
+        if t.unit.value == "dur":
+            return float(t.value)
+        return float(t.value) / float(max_dur.value) if t.unit == max_dur.unit else None
+
+    warm, t_max = Time.from_timestring(sched.t_warmup), Time.from_timestring(sched.t_max)
+    if unit(warm) != unit(t_max):
+        raise ConfigError(
+            "scheduler.t_warmup",
+            f"{sched.t_warmup!r} counts {_UNIT_WORDS[unit(warm)]}, but t_max {sched.t_max!r} "
+            f"(max_duration {max_duration}) counts {_UNIT_WORDS[unit(t_max)]}: give the warmup "
+            f"in {unit(t_max)} as well, or as a fraction of the run such as '0.01dur'",
+        )
+    f_max, f_warm = fraction(t_max), fraction(warm)
+    if f_max is not None and f_max < 1:
+        raise ConfigError(
+            "scheduler.t_max",
+            f"{sched.t_max!r} ends before max_duration {max_duration}: the learning rate would "
+            "be undefined for the rest of the run; use '1dur' or more",
+        )
+    if f_warm is not None and f_warm >= 1:
+        # Legitimate for a short smoke test of a real spec; worth a line in any other run.
+        return (
+            f"scheduler.t_warmup {sched.t_warmup!r} is not shorter than max_duration "
+            f"{max_duration}: the learning rate never leaves warmup"
+        )
+    return None
 
 
 def train_seq_len(cfg: RunConfig) -> int:

@@ -17,7 +17,13 @@ from mpt_train.config.schema import RunConfig
 from mpt_train.data.config import TextLoaderConfig
 from mpt_train.errors import ConfigError
 
-__all__ = ["check_save_folder", "device_train_batch_size", "validate_run"]
+__all__ = [
+    "check_batch_split",
+    "check_save_folder",
+    "device_train_batch_size",
+    "valid_world_sizes",
+    "validate_run",
+]
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +41,8 @@ def device_train_batch_size(cfg: RunConfig, world_size: int) -> int:
     return cfg.global_train_batch_size // world_size
 
 
-def validate_run(cfg: RunConfig, world_size: int, *, probe_storage: bool = True) -> None:
-    """Everything a run needs from its environment, checked up front."""
+def check_batch_split(cfg: RunConfig, world_size: int) -> int:
+    """The per-rank batch on ``world_size`` ranks; it must split into whole microbatches."""
     per_rank = device_train_batch_size(cfg, world_size)
     mb = cfg.device_train_microbatch_size
     if isinstance(mb, int) and (mb > per_rank or per_rank % mb):
@@ -45,6 +51,24 @@ def validate_run(cfg: RunConfig, world_size: int, *, probe_storage: bool = True)
             f"{mb} must divide the per-rank batch {per_rank} "
             f"(global_train_batch_size {cfg.global_train_batch_size} / {world_size} ranks)",
         )
+    return per_rank
+
+
+def valid_world_sizes(cfg: RunConfig, up_to: int) -> list[int]:
+    """GPU counts up to ``up_to`` that the spec's batch sizes split across."""
+    out = []
+    for n in range(1, up_to + 1):
+        try:
+            check_batch_split(cfg, n)
+        except ConfigError:
+            continue
+        out.append(n)
+    return out
+
+
+def validate_run(cfg: RunConfig, world_size: int, *, probe_storage: bool = True) -> None:
+    """Everything a run needs from its environment, checked up front."""
+    check_batch_split(cfg, world_size)
     if cfg.train_loader is not None:
         _check_loader("train_loader", cfg.train_loader, cfg, training=True)
     if cfg.finetune_loader is not None:

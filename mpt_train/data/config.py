@@ -21,6 +21,7 @@ __all__ = [
     "LOADER_KINDS",
     "SAMPLING_METHODS",
     "SHUFFLE_ALGOS",
+    "EvalLoaderConfig",
     "StreamConfig",
     "TextDatasetConfig",
     "TextLoaderConfig",
@@ -179,7 +180,8 @@ class TextLoaderConfig:
             ``dataset.max_seq_len``, no files and no tokenizer: benchmarks and smoke tests;
             see :mod:`mpt_train.data.synthetic`).
         dataset: The streaming dataset section.
-        drop_last: Drop the last incomplete batch (keeps every batch the same shape).
+        drop_last: Drop the last incomplete batch (keeps every training step the same shape).
+            Eval sections default to false (:class:`EvalLoaderConfig`).
         num_workers: DataLoader worker processes (0 = load in the training process).
         prefetch_factor: Batches prefetched per worker; ignored (None) when num_workers is 0.
         pin_memory: Pin host memory for faster host-to-GPU copies.
@@ -206,3 +208,17 @@ class TextLoaderConfig:
             )
         if self.timeout < 0:
             raise ConfigError("timeout", f"must be >= 0, got {self.timeout}")
+
+
+@dataclass
+class EvalLoaderConfig(TextLoaderConfig):
+    """An ``eval_loader`` / ``eval_loaders.<label>`` section: a loader that scores every sample.
+
+    Same keys as :class:`TextLoaderConfig`, but ``drop_last`` defaults to false: dropping the
+    last partial batch would leave up to ``device_eval_batch_size * ranks - 1`` validation
+    samples unscored. The smaller last batch costs one more shape to compile when
+    ``compile.enabled`` (once per eval set). On several ranks streaming repeats a few samples
+    so that every rank gets as many as the others; those are scored twice.
+    """
+
+    drop_last: bool = False

@@ -50,7 +50,13 @@ from mpt_train.data.mds_output import (
 )
 from mpt_train.data.packing import TokenPacker
 from mpt_train.data.parallel_encode import ParallelEncoder, default_workers
-from mpt_train.data.sources import BadRecordError, InputSource, iter_documents, resolve_inputs
+from mpt_train.data.sources import (
+    BadRecordError,
+    InputReadError,
+    InputSource,
+    iter_documents,
+    resolve_inputs,
+)
 from mpt_train.data.storage import OutputDir, OutputNotWritableError
 from mpt_train.data.tokenizer import (
     SHIPPED_TOKENIZER_NAME,
@@ -212,8 +218,11 @@ def convert_corpus(opts: ConvertOptions) -> ConvertStats:
 
     Raises:
         FileNotFoundError: an input does not exist.
-        BadRecordError: a malformed record (message ``file:line: reason``), unless
-            ``skip_bad_records``.
+        BadRecordError: a malformed record, or a JSONL line that is not UTF-8 (message
+            ``file:line: reason``), unless ``skip_bad_records``.
+        InputReadError: a compressed input is truncated or corrupt (names the file; not
+            skippable). Finished parts keep their markers: re-running once the file is
+            replaced by a complete copy resumes.
         OutputNotWritableError: ``opts.out`` cannot be written (checked before tokenizing).
         ConvertError: ``opts.out`` holds something else.
     """
@@ -349,7 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         stats = convert_corpus(opts)
-    except (BadRecordError, ConvertError, OutputNotWritableError, FileNotFoundError) as err:
+    except (
+        BadRecordError,
+        InputReadError,
+        ConvertError,
+        OutputNotWritableError,
+        FileNotFoundError,
+    ) as err:
         log.error("%s", err)
         return 1
     print(stats.to_json(), end="")

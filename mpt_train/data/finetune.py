@@ -13,6 +13,11 @@ Short examples are packed into rows of ``max_seq_len`` (first-fit, decreasing le
 ``sequence_id`` per example, so no compute goes to padding; the model must then mask attention
 across examples (``attn_config.attn_uses_sequence_id``), which the trainer checks. Padding has
 label -100 and its own sequence id (-1), so it is never attended to by real tokens.
+
+Packing orders rows from longest to shortest, so with ``shuffle`` the packed rows are shuffled
+again and the loader draws a new permutation every epoch (a ``DistributedSampler`` seeded with
+``shuffle_seed``, whose epoch Composer sets): batches do not follow a length curriculum, and the
+order is a function of seed and epoch alone, so a resumed run skips to the same batches.
 """
 
 from __future__ import annotations
@@ -60,7 +65,8 @@ class FinetuneDatasetConfig:
         max_seq_len: Tokens per row; longer examples are truncated (response cut at the end),
             examples whose prompt alone fills the row are skipped (they would carry no loss).
         packing: Pack several examples per row (needs ``attn_uses_sequence_id`` in the model).
-        shuffle: Shuffle examples (before packing) with ``shuffle_seed``.
+        shuffle: Shuffle examples before packing, the packed rows after it, and the row order
+            every epoch, all from ``shuffle_seed``.
         add_eos: Append EOS after each response so the model learns to stop.
     """
 
@@ -188,13 +194,16 @@ class FinetuneDataset(Dataset):
             raise ValueError(f"{path}: no usable examples (skipped {skipped})")
         if truncated or skipped:
             log.warning("%s: truncated %d, skipped %d examples", path, truncated, skipped)
+        rng = random.Random(cfg.shuffle_seed)
         if cfg.shuffle:
-            random.Random(cfg.shuffle_seed).shuffle(examples)
+            rng.shuffle(examples)
         groups = (
             pack_examples([len(e[0]) for e in examples], cfg.max_seq_len)
             if cfg.packing
             else [[i] for i in range(len(examples))]
         )
+        if cfg.shuffle:
+            rng.shuffle(groups)  # packing sorted them longest first
         self.rows = [self._row([examples[i] for i in g]) for g in groups]
         n_tok = sum(len(e[0]) for e in examples)
         log.info(
@@ -254,6 +263,10 @@ def build_finetune_dataloader(
 ) -> DataLoader:
     """A DataLoader of fixed-shape ``[B, max_seq_len]`` batches (shapes stay static for compile).
 
+    The sampler is a ``DistributedSampler`` on any number of ranks: with ``dataset.shuffle`` it
+    permutes the rows anew each epoch from ``shuffle_seed`` and the epoch number, which
+    Composer's trainer passes to ``set_epoch`` before each epoch (and again when resuming).
+
     Raises:
         ConfigError: missing file (key ``dataset.path``).
     """
@@ -262,11 +275,14 @@ def build_finetune_dataloader(
     except ConfigError as err:
         raise err.with_prefix("dataset") from None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sampler = None
     from composer.utils import dist
 
-    if dist.get_world_size() > 1:
-        sampler = dist.get_sampler(dataset, shuffle=False, drop_last=cfg.drop_last)
+    sampler = dist.get_sampler(
+        dataset,
+        shuffle=cfg.dataset.shuffle,
+        drop_last=cfg.drop_last,
+        seed=cfg.dataset.shuffle_seed,
+    )
     return DataLoader(
         dataset,
         batch_size=device_batch_size,

@@ -9,6 +9,10 @@ and hub datasets written ``hf:NAME`` or ``hf:NAME:CONFIG`` (streamed; needs netw
 Every document carries its location (``path:line`` or ``hf:NAME[split]#row``) so that a bad
 record can be reported precisely, and the order is the same on every run: it decides the
 byte content of the shards and the units of resumable work.
+
+JSONL lines are decoded one at a time, so a line that is not UTF-8 is one bad record (skippable
+like malformed JSON). A compressed input that ends early or is corrupt is not a record: it
+stops the conversion with :class:`InputReadError`, naming the file and the last line read.
 """
 
 from __future__ import annotations
@@ -18,16 +22,20 @@ import io
 import json
 import logging
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mpt_train.errors import RunFailure
 
 __all__ = [
     "JSONL_SUFFIXES",
     "TEXT_SUFFIXES",
     "BadRecordError",
     "Document",
+    "InputReadError",
     "InputSource",
     "iter_documents",
     "resolve_inputs",
@@ -48,6 +56,26 @@ class BadRecordError(ValueError):
         self.location = location
         self.reason = reason
         super().__init__(f"{location}: {reason}")
+
+
+class InputReadError(RunFailure):
+    """An input file cannot be read to its end (truncated or corrupt compressed data).
+
+    Not a bad record: the rest of the file is unreadable, so skipping would silently drop it.
+    The message names the file and the last line read.
+    """
+
+
+#: What :mod:`gzip` raises for a truncated stream, a non-gzip file or corrupt deflate data.
+_ARCHIVE_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def _archive_error(path: str, err: BaseException, lines_read: int | None) -> InputReadError:
+    where = ""
+    if lines_read is not None:
+        where = f" after line {lines_read}" if lines_read else " before the first line"
+    kind = "zlib.error" if isinstance(err, zlib.error) else type(err).__name__
+    return InputReadError(f"{path}: truncated or corrupt compressed data{where} ({kind}: {err})")
 
 
 @dataclass(frozen=True)
@@ -134,10 +162,27 @@ def _file_source(path: Path, kind: str) -> InputSource:
     return InputSource(kind, str(path), builder)
 
 
+def _open_binary(path: str) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
+
+
 def _open_text(path: str) -> io.TextIOBase:
-    if path.lower().endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+    return io.TextIOWrapper(_open_binary(path), encoding="utf-8")
+
+
+def _raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """``(line number, bytes)`` of each line, decompressing ``.gz``.
+
+    Raises:
+        InputReadError: the compressed data ends early or is corrupt.
+    """
+    lineno = 0
+    try:
+        with _open_binary(path) as f:
+            for lineno, line in enumerate(f, start=1):
+                yield lineno, line
+    except _ARCHIVE_ERRORS as err:
+        raise _archive_error(path, err, lineno) from err
 
 
 def _text_of(record: Any, text_field: str, location: str) -> str:
@@ -154,28 +199,40 @@ def _text_of(record: Any, text_field: str, location: str) -> str:
 
 
 def _iter_jsonl(path: str, text_field: str) -> Iterator[Document | BadRecordError]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            location = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield BadRecordError(location, f"malformed JSON ({err.msg} at column {err.colno})")
-                continue
-            try:
-                yield Document(_text_of(record, text_field, location), location)
-            except BadRecordError as err:
-                yield err
+    for lineno, raw in _raw_lines(path):
+        location = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            byte = err.object[err.start]
+            yield BadRecordError(
+                location, f"not UTF-8 text (byte {byte:#04x} at column {err.start + 1})"
+            )
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield BadRecordError(location, f"malformed JSON ({err.msg} at column {err.colno})")
+            continue
+        try:
+            yield Document(_text_of(record, text_field, location), location)
+        except BadRecordError as err:
+            yield err
 
 
 def _iter_text_file(path: str) -> Iterator[Document | BadRecordError]:
+    # Text mode: line endings are normalised to "\n", as in every earlier conversion.
     try:
         with _open_text(path) as f:
-            yield Document(f.read(), f"{path}:1")
+            text = f.read()
     except UnicodeDecodeError as err:
         yield BadRecordError(f"{path}:1", f"not UTF-8 text ({err.reason})")
+        return
+    except _ARCHIVE_ERRORS as err:
+        raise _archive_error(path, err, None) from err
+    yield Document(text, f"{path}:1")
 
 
 def _iter_hf(
@@ -218,6 +275,9 @@ def iter_documents(
 
     Yielding :class:`BadRecordError` lets the caller decide between failing (the default,
     naming file and line) and counting skipped records, without losing the position.
+
+    Raises:
+        InputReadError: a compressed input is truncated or corrupt (names the file).
     """
     for source in sources:
         if source.kind == "jsonl":

@@ -61,6 +61,8 @@ def test_cpu_benchmark_through_the_trainer_with_a_nominal_peak(
     assert 0 < row["mfu"] < 1 and row["hfu"] == row["mfu"]  # no activation checkpointing
     assert row["precision"] == "fp32" and row["sharding"] == "none" and row["data"] == "spec"
     assert not (tmp_path / "runs").exists() or not list(tmp_path.glob("runs/*/metrics.jsonl"))
+    # The spec's own run (run_name: quickstart) is not touched: no spec record overwritten.
+    assert not (tmp_path / "runs" / "quickstart").exists()
 
 
 @pytest.mark.slow

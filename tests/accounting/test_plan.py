@@ -23,6 +23,7 @@ MPT_7B = {
     "global_train_batch_size": 1760,
     "model": {"d_model": 4096, "n_heads": 32, "n_layers": 32, "max_seq_len": 2048},
     "train_loader": {"dataset": {"local": "/unused", "max_seq_len": 2048}},
+    "scheduler": {"t_warmup": "7208960000tok"},
 }
 
 
@@ -48,21 +49,39 @@ def test_plan_of_the_mpt7b_spec_reproduces_published_time_and_cost() -> None:
     assert plan.gpu_hours == pytest.approx(440 * 24 * plan.days)
 
 
-def test_deadline_gives_the_smallest_gpu_count_that_meets_it() -> None:
-    cfg = load_config_dict(MPT_7B)
-    plan = make_plan(cfg, gpus=440, gpu="a100_40gb", deadline_days=7.0)
-    need = plan.gpus_for_deadline
-    assert need is not None and plan.nodes_for_deadline == -(-need // 8)
-    assert make_plan(cfg, gpus=need, gpu="a100_40gb").days <= 7.0
-    assert make_plan(cfg, gpus=need - 1, gpu="a100_40gb").days > 7.0
+def test_deadline_gives_the_smallest_gpu_count_that_meets_it_and_runs() -> None:
+    """Compute alone sets a minimum; the answer is the smallest count at or above it that
+    the global batch splits across (the trainer refuses any other)."""
+    cfg = load_config_dict({**MPT_7B, "device_train_microbatch_size": 4})
+    plan = make_plan(cfg, gpus=440, gpu="a100_40gb", deadline_days=12.0)
+    least, need = plan.min_gpus_for_deadline, plan.gpus_for_deadline
+    assert least is not None and need is not None and plan.nodes_for_deadline == -(-need // 8)
+    assert make_plan(cfg, gpus=need, gpu="a100_40gb").days <= 12.0
+    with pytest.raises(ConfigError):  # 349 GPUs would do by compute, but 1760 does not split
+        make_plan(cfg, gpus=least, gpu="a100_40gb")
+    assert need == 440 and plan.microbatch_for_deadline is None  # 4 per rank: as written
     # GPU count changes the time, not the GPU-hours (at a fixed MFU).
     assert make_plan(cfg, gpus=need, gpu="a100_40gb").gpu_hours == pytest.approx(plan.gpu_hours)
+    # Faster than 440 allows at microbatch 4: 880 GPUs with 2 samples each, microbatch 2.
+    fast = make_plan(cfg, gpus=440, gpu="a100_40gb", deadline_days=7.0)
+    assert (fast.gpus_for_deadline, fast.microbatch_for_deadline) == (880, 2)
+    assert make_plan(cfg, gpus=440, gpu="a100_40gb").days * 440 / 880 <= 7.0
+    with pytest.raises(ConfigError, match="deadline_days"):
+        make_plan(cfg, gpus=440, gpu="a100_40gb", deadline_days=1.0)  # > 1760 GPUs
+
+
+def test_a_gpu_count_the_batch_does_not_split_across_is_refused() -> None:
+    cfg = load_config_dict({**MPT_7B, "device_train_microbatch_size": 4})
+    with pytest.raises(ConfigError, match=r"gpus: 512 GPUs: .*nearest GPU counts that fit: 440$"):
+        make_plan(cfg, gpus=512, gpu="h100")
+    with pytest.raises(ConfigError, match="device_train_microbatch_size: 4 must divide"):
+        make_plan(cfg, gpus=880, gpu="h100")
 
 
 def test_faster_gpu_and_defaults_from_the_table() -> None:
     cfg = load_config_dict(MPT_7B)
-    a100 = make_plan(cfg, gpus=64, gpu="a100_40gb")
-    h100 = make_plan(cfg, gpus=64, gpu="h100")
+    a100 = make_plan(cfg, gpus=88, gpu="a100_40gb")
+    h100 = make_plan(cfg, gpus=88, gpu="h100")
     assert a100.days / h100.days == pytest.approx(989 / 312)
     assert a100.price_per_gpu_hour == get_gpu("a100_40gb").price_per_hour
     assert price_per_gpu_hour("h100", 1.25) == 1.25

@@ -9,6 +9,7 @@ import pytest
 
 from mpt_train.config import ConfigError, load_config, load_config_dict, redact, to_container
 from mpt_train.config.redact import REDACTED
+from mpt_train.config.validate import check_batch_split
 from tests.helpers import REPO
 
 BASE = {
@@ -74,6 +75,65 @@ def test_bad_values_name_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError) as e:
         load_config_dict(BASE, [override])
     assert e.value.key == key, str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "says"),
+    [
+        (["max_duration=1e9tok"], "scheduler.t_warmup", "counts batches, but t_max '1dur'"),
+        (["scheduler.t_warmup=0.01dur", "scheduler.t_max=5ba"], "scheduler.t_max", "ends before"),
+        (["scheduler.t_warmup=0.5dur", "scheduler.t_max=0.9dur"], "scheduler.t_max", "ends before"),
+        (["loss.chunk_tokens=64", "loss.train_metrics=true"], "loss.chunk_tokens", "full logits"),
+        (["optimizer.eps=-1e-8"], "optimizer.eps", ">= 0"),
+        (["optimizer.name=decoupled_lionw", "optimizer.implementation=fused"],
+         "optimizer.implementation", "one implementation"),
+        (["optimizer.name=adamw", "optimizer.implementation=composer"],
+         "optimizer.implementation", "decoupled_adamw"),
+        (["compile.mode=fast"], "compile.mode", "max-autotune"),
+        (["compile.enabled=true", "compile.backend=tensorrtt"], "compile.backend", "inductor"),
+        (["callbacks.speed_monitor.window_size=0"], "callbacks.speed_monitor.window_size", ">= 1"),
+        (["dist_timeout=0"], "dist_timeout", "> 0"),
+        (["save_num_checkpoints_to_keep=-2"], "save_num_checkpoints_to_keep", "-1 (all)"),
+        (["save_folder=/ckpt", "save_num_checkpoints_to_keep=0"],
+         "save_num_checkpoints_to_keep", "nothing would be left to resume from"),
+        (["save_folder=/ckpt", "save_num_checkpoints_to_keep=1",
+          "reliability.on_corrupt_checkpoint=fallback"],
+         "reliability.on_corrupt_checkpoint", "never a previous one"),
+    ],
+)  # fmt: skip
+def test_settings_that_would_fail_late_or_be_ignored_are_refused(
+    overrides: list[str], key: str, says: str
+) -> None:
+    """Each of these used to load and then fail inside Composer once the model was built (or
+    run with a setting silently dropped)."""
+    with pytest.raises(ConfigError) as e:
+        load_config_dict(BASE, overrides)
+    assert e.value.key == key, str(e.value)
+    assert says in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["max_duration=1e9tok", "scheduler.t_warmup=1e7tok"],
+        ["max_duration=1e9tok", "scheduler.t_warmup=0.01dur"],
+        ["max_duration=2ep", "scheduler.t_warmup=10ba"],  # Composer counts epochs in batches
+        ["scheduler.t_max=20ba"],
+        ["save_folder=s3://bucket/ckpt", "save_num_checkpoints_to_keep=0"],
+    ],
+)
+def test_schedules_and_retention_composer_accepts_still_load(overrides: list[str]) -> None:
+    load_config_dict(BASE, overrides)
+
+
+def test_a_warmup_as_long_as_the_run_is_a_warning_not_an_error() -> None:
+    """A smoke test of a real spec (max_duration=20ba over a 2000ba warmup) must still run."""
+    from mpt_train.config.schema import check_schedule
+
+    cfg = load_config_dict(BASE, ["scheduler.t_warmup=10ba"])
+    assert "never leaves warmup" in check_schedule(cfg.scheduler, cfg.max_duration)
+    cfg = load_config_dict(BASE, ["scheduler.t_warmup=2ba"])
+    assert check_schedule(cfg.scheduler, cfg.max_duration) is None
 
 
 def test_missing_required_section_is_named() -> None:
@@ -160,6 +220,9 @@ def test_mpt_7b_1t_is_the_published_run() -> None:
     assert cfg.max_duration == "1000000000000tok"
     assert cfg.global_train_batch_size == 1760 and cfg.train_loader.dataset.max_seq_len == 2048
     assert cfg.optimizer.name == "decoupled_lionw"
+    # The published warmup, 2000 batches, in the unit Composer needs next to max_duration.
+    assert cfg.scheduler.t_warmup == f"{2000 * 1760 * 2048}tok"
+    check_batch_split(cfg, 440)  # 4 samples per GPU on the published 440 GPUs
     assert (cfg.model.d_model, cfg.model.n_heads, cfg.model.n_layers, cfg.model.vocab_size) == (
         4096,
         32,

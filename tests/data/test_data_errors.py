@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -12,10 +13,10 @@ import mpt_train.data.convert as convert_mod
 from mpt_train.data import DataReadError, TextDatasetConfig, TextLoaderConfig, build_text_dataloader
 from mpt_train.data.config import StreamConfig
 from mpt_train.data.convert import ConvertOptions, convert_corpus
-from mpt_train.data.sources import BadRecordError
+from mpt_train.data.sources import BadRecordError, InputReadError
 from mpt_train.data.storage import OutputNotWritableError
 from mpt_train.errors import ConfigError
-from tests.data.data_helpers import read_split, write_jsonl
+from tests.data.data_helpers import read_split, shipped_texts, write_jsonl
 from tests.s3_server import find_free_port
 
 # Streaming runs background threads; a hang must fail the test, not the CI job.
@@ -213,3 +214,68 @@ def test_unreachable_remote_names_url(s3_server, tmp_path: Path, monkeypatch) ->
     assert "s3://mpt-train/gone/train/index.json" in message
     assert "after 2 retries" in message
     assert f"127.0.0.1:{port}" in message  # streaming's own cause is kept
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_undecodable_line_is_a_bad_record(suffix: str, tokenizer, tmp_path: Path) -> None:
+    """One invalid UTF-8 byte spoils its line only: it stops with file:line, or is skipped."""
+    good = "A good first document.", "A good last document."
+    data = (
+        json.dumps({"text": good[0]}).encode()
+        + b'\n{"text": "caf\xe9 latin-1"}\n'
+        + json.dumps({"text": good[1]}).encode()
+        + b"\n"
+    )
+    path = tmp_path / f"mixed{suffix}"
+    path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+    with pytest.raises(BadRecordError, match=rf"{path}:2: not UTF-8 text \(byte 0xe9"):
+        convert_corpus(_opts([path], tmp_path / "out"))
+
+    stats = convert_corpus(_opts([path], tmp_path / "skip", skip_bad_records=True, concat_tokens=4))
+    assert (stats.records_read, stats.skipped_records) == (3, 1)
+    expected = []
+    for text in good:
+        expected += tokenizer(text, add_special_tokens=False)["input_ids"] + [0]
+    got = read_split(str(tmp_path / "skip"), "train", tmp_path / "cache").reshape(-1).tolist()
+    assert got == expected[: len(expected) // 4 * 4]
+
+
+def _damaged_gzip(path: Path, damage: str) -> Path:
+    """A gzip file of 200 shipped documents, cut short or with its deflate data overwritten."""
+    data = gzip.compress(
+        "".join(json.dumps({"text": t}) + "\n" for t in shipped_texts(200)).encode()
+    )
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "corrupt":
+        middle = len(data) // 2
+        data = data[:middle] + b"\xff" * 256 + data[middle + 256 :]
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_damaged_gzip_stops_naming_the_file(damage: str, tmp_path: Path) -> None:
+    """A damaged archive is not a record: even --skip-bad-records stops, naming the file."""
+    path = _damaged_gzip(tmp_path / "docs.jsonl.gz", damage)
+    with pytest.raises(InputReadError, match=rf"{path}: truncated or corrupt compressed data"):
+        convert_corpus(_opts([path], tmp_path / "out", skip_bad_records=True))
+    assert not (tmp_path / "out" / "train" / "index.json").exists()
+
+
+def test_truncated_gzip_text_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "doc.txt.gz"
+    path.write_bytes(gzip.compress(" ".join(shipped_texts(50)).encode())[:-200])
+    with pytest.raises(InputReadError, match=rf"{path}: .*EOFError"):
+        convert_corpus(_opts([path], tmp_path / "out"))
+
+
+def test_cli_reports_truncated_gzip_in_one_line(tmp_path: Path, caplog, capsys) -> None:
+    path = _damaged_gzip(tmp_path / "docs.jsonl.gz", "truncated")
+    argv = [str(path), "--out", str(tmp_path / "o"), "--concat-tokens", "8", "--no-progress"]
+    assert convert_mod.main([*argv, "--workers", "1"]) == 1
+    [error] = [r for r in caplog.records if r.levelname == "ERROR"]
+    message = error.getMessage()
+    assert message.startswith(f"{path}: truncated or corrupt compressed data after line ")
+    assert "\n" not in message and error.exc_info is None
+    assert "Traceback" not in capsys.readouterr().err
