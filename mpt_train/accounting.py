@@ -14,7 +14,17 @@ on-demand cloud rates per GPU-hour. They are placeholders for your contract pric
 | a100_40gb   | 312               | 2.00               | MosaicML's MPT-7B figure ($2/h)      |
 | a100_80gb   | 312               | 2.50               | typical reserved A100-80GB rate      |
 | h100        | 989               | 3.00               | typical reserved H100 SXM rate       |
+| h100_pcie   | 756               | 2.50               | typical H100 PCIe rate (below SXM)   |
+| h100_nvl    | 835               | 2.75               | between the PCIe and SXM rates       |
 | h200        | 989               | 3.50               | typical reserved H200 rate           |
+| h200_nvl    | 835               | 3.25               | below the H200 SXM rate              |
+
+``h100`` and ``h200`` are the SXM parts. The H100 variants differ in clocks and power, so each
+has its own peak: NVIDIA's datasheets give 1,979 (SXM), 1,513 (PCIe) and 1,671 (NVL, per GPU of
+the pair) sparse bf16 TFLOP/s, halved here for dense; H200 NVL is 1,671 too. Composer's
+SpeedMonitor uses the same SXM and PCIe figures (``h100-sxm``, ``h100-pcie``) and knows no NVL
+part, so its MFU is missing on NVL GPUs unless ``callbacks.speed_monitor.gpu_flops_available``
+is set.
 
 MFU convention (llm-foundry's): a training step costs 3x its forward FLOPs (forward, backward
 for activations, backward for weights), i.e. ``6 * N * T + 12 * L * d_model * S * T`` with N all
@@ -63,8 +73,11 @@ GPU_TYPES: dict[str, GPUSpec] = {
     for spec in (
         GPUSpec("a100_40gb", 312e12, 2.00, 40),
         GPUSpec("a100_80gb", 312e12, 2.50, 80),
-        GPUSpec("h100", 989e12, 3.00, 80),
-        GPUSpec("h200", 989e12, 3.50, 141),
+        GPUSpec("h100", 989e12, 3.00, 80),  # SXM5
+        GPUSpec("h100_pcie", 756e12, 2.50, 80),
+        GPUSpec("h100_nvl", 835e12, 2.75, 94),
+        GPUSpec("h200", 989e12, 3.50, 141),  # SXM
+        GPUSpec("h200_nvl", 835e12, 3.25, 141),
     )
 }
 
@@ -93,8 +106,11 @@ def price_per_gpu_hour(gpu_type: str | None, override: float | None) -> float | 
 def detect_gpu_type(device_name: str | None = None) -> str | None:
     """Map a CUDA device name (``NVIDIA A100-SXM4-40GB``) to a table key; None on CPU.
 
-    An unrecognised GPU gives None (and a warning) rather than a wrong peak: MFU is then
-    reported only when the user names the type or the peak.
+    H100s report their variant in the name, read as Composer's SpeedMonitor reads it:
+    ``NVIDIA H100 80GB HBM3`` (SXM) -> ``h100``, ``NVIDIA H100 PCIe`` (or an HBM2e part) ->
+    ``h100_pcie``, ``NVIDIA H100 NVL`` -> ``h100_nvl``. An unrecognised GPU, or an H100 whose
+    variant the name does not tell, gives None (and a warning) rather than a wrong peak: MFU is
+    then reported only when the user names the type or the peak.
     """
     if device_name is None:
         import torch
@@ -104,9 +120,20 @@ def detect_gpu_type(device_name: str | None = None) -> str | None:
         device_name = torch.cuda.get_device_name()
     name = device_name.upper()
     if "H200" in name:
-        return "h200"
+        return "h200_nvl" if "NVL" in name else "h200"
     if "H100" in name:
-        return "h100"
+        if "NVL" in name:
+            return "h100_nvl"
+        if "PCIE" in name or "HBM2E" in name:
+            return "h100_pcie"
+        if "HBM3" in name or "SXM" in name:
+            return "h100"
+        log.warning(
+            "GPU %r: cannot tell which H100 (SXM, PCIe or NVL) from its name; set cost.gpu_type "
+            "to h100, h100_pcie or h100_nvl for MFU",
+            device_name,
+        )
+        return None
     if "A100" in name:
         return "a100_80gb" if "80G" in name else "a100_40gb"
     log.warning("GPU %r is not in the accounting table; set cost.gpu_type for MFU", device_name)

@@ -11,8 +11,13 @@ refused by :func:`mpt_train.model.hf.config_to_hf` before anything is written.
 Checkpoints are read without executing pickled code where possible: a monolithic ``.pt`` is
 loaded with ``torch.load(weights_only=True)`` and an allow-list of the plain types Composer
 stores next to tensors; a sharded checkpoint (a ``torch.distributed.checkpoint`` folder) is
-read key by key without a process group. ``s3://`` (any Composer object store URI) is
-downloaded to a temporary folder first.
+read key by key without a process group.
+
+A remote URI (``s3://`` or any Composer object store) is resolved to one checkpoint before
+anything is downloaded: a file, a sharded checkpoint folder (holding ``.metadata``), or a run's
+save_folder, whose ``latest-rank0.pt.symlink`` pointer names its newest checkpoint. Only that
+checkpoint's objects are fetched, to a temporary folder; any other prefix is refused naming the
+URI.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import datetime
 import json
 import logging
 import os
+import posixpath
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +54,8 @@ log = logging.getLogger(__name__)
 _MODEL_PREFIX = "model."  # ComposerMPT keeps the network as ``self.model``
 _SPEC_KEY = "RunSpecRecorder"
 _DCP_METADATA = ".metadata"
+_LATEST_LINK = "latest-rank0.pt"  # Composer's newest-checkpoint symlink in a local save_folder
+_LATEST_POINTER = f"{_LATEST_LINK}.symlink"  # the same pointer as an object in a bucket
 
 
 class CheckpointError(ValueError):
@@ -101,6 +109,11 @@ def _read_sharded(folder: Path) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
+    if not (folder / _DCP_METADATA).is_file():
+        raise CheckpointError(
+            f"{folder}: not a sharded checkpoint (no {_DCP_METADATA}; a save cut short, or the "
+            "wrong folder); pass a .pt file, a sharded checkpoint folder or a save_folder"
+        )
     meta = dcp.FileSystemReader(str(folder)).read_metadata()
     spec_prefix = f"state.callbacks.{_SPEC_KEY}.spec"
     keys = {k for k in meta.state_dict_metadata if k.startswith("state.model.") or k == spec_prefix}
@@ -112,38 +125,159 @@ def _read_sharded(folder: Path) -> dict[str, Any]:
     return _load_state_dict_from_keys(keys=keys, checkpoint_id=str(folder))
 
 
-def _download(uri: str, tmp: Path) -> Path:
-    """Fetch a remote checkpoint file, or every object of a remote sharded folder, into ``tmp``."""
-    from composer.utils import get_file, maybe_create_object_store_from_uri, parse_uri
+def _pointer_candidates(target: str, folder: str) -> list[str]:
+    """Where the checkpoint a ``latest`` pointer names may be, most literal first.
 
-    if uri.endswith((".pt", ".pt.tar")):
-        dest = tmp / os.path.basename(uri)
-        get_file(uri, str(dest), progress_bar=False)
-        return dest
-    store = maybe_create_object_store_from_uri(uri)
-    _, _, prefix = parse_uri(uri)
-    prefix = prefix.rstrip("/") + "/"
-    names = store.list_objects(prefix)
+    Composer writes the checkpoint's object name in the bucket (``ckpt/run/ep0-ba4-rank0.pt``,
+    or a sharded checkpoint's folder ``ckpt/run/ep0-ba4``). A save folder copied to another
+    prefix, bucket or disk keeps that name, so the same name inside the pointer's own folder is
+    tried next.
+    """
+    target = target.strip().lstrip("/")
+    names = [
+        target,
+        posixpath.join(folder, target),
+        posixpath.join(folder, posixpath.basename(target)),
+    ]
+    return list(dict.fromkeys(n.lstrip("/") for n in names if target))
+
+
+def _is_sharded(store: Any, name: str) -> bool:
+    """Whether the prefix ``name`` holds a sharded checkpoint's ``.metadata``."""
+    metadata = posixpath.join(name, _DCP_METADATA)
+    return metadata in store.list_objects(metadata)
+
+
+def _remote_kind(store: Any, name: str) -> str | None:
+    """``"sharded"`` for a prefix holding ``.metadata``, ``"file"`` for an object, else None."""
+    if _is_sharded(store, name):
+        return "sharded"
+    if name and name in store.list_objects(name):  # lists only names starting with ``name``
+        return "file"
+    return None
+
+
+def _follow_remote_pointer(store: Any, root: str, pointer: str, tmp: Path) -> tuple[str, str]:
+    """The (object name, kind) of the checkpoint a remote ``latest`` pointer object names."""
+    local = tmp / ".pointer"
+    store.download_object(pointer, str(local), overwrite=True)
+    target = local.read_text(encoding="utf-8")
+    local.unlink()
+    for name in _pointer_candidates(target, posixpath.dirname(pointer)):
+        kind = _remote_kind(store, name)
+        if kind is not None:
+            return name, kind
+    raise CheckpointError(
+        f"{root}/{pointer} names {root}/{target.strip()}, which is neither an object nor a "
+        f"sharded checkpoint folder (with {_DCP_METADATA}); it may have been deleted"
+    )
+
+
+def _checkpoints_in(names: list[str], folder: str) -> list[str]:
+    """Checkpoint files and sharded folders directly under ``folder``, for error messages."""
+    found = set()
+    for name in names:
+        rest = name[len(folder) :].lstrip("/")
+        if "/" not in rest and rest.endswith((".pt", ".pt.tar")):
+            found.add(rest)
+        elif rest.endswith(f"/{_DCP_METADATA}") and rest.count("/") == 1:
+            found.add(rest.split("/")[0] + "/")
+    return sorted(found)
+
+
+def _remote_checkpoint(store: Any, uri: str, root: str, key: str, tmp: Path) -> tuple[str, str]:
+    """Resolve a remote URI to the one checkpoint it means: (object name, kind).
+
+    A file name is taken as is (or, missing, through its ``.symlink`` as Composer does); a
+    ``.symlink`` is followed; a prefix is a save_folder (its ``latest-rank0.pt.symlink`` is
+    followed) or a sharded checkpoint folder (holds ``.metadata``). Nothing else is accepted.
+    """
+    if key.endswith(".symlink"):
+        if _remote_kind(store, key) != "file":
+            raise CheckpointError(f"{uri}: no such object")
+        return _follow_remote_pointer(store, root, key, tmp)
+    if key.endswith((".pt", ".pt.tar")):
+        kind = _remote_kind(store, key)
+        if kind is not None:
+            return key, kind
+        if _remote_kind(store, key + ".symlink") == "file":
+            return _follow_remote_pointer(store, root, key + ".symlink", tmp)
+        raise CheckpointError(f"{uri}: no such object (nor {key}.symlink pointing at one)")
+    folder = key.rstrip("/")
+    pointer = posixpath.join(folder, _LATEST_POINTER)
+    if _remote_kind(store, pointer) == "file":
+        return _follow_remote_pointer(store, root, pointer, tmp)
+    if _is_sharded(store, folder):
+        return folder, "sharded"
+    names = store.list_objects(f"{folder}/" if folder else "")
     if not names:
         raise CheckpointError(f"{uri}: no objects under this prefix (expected a .pt or a folder)")
-    for name in names:
-        dest = tmp / name[len(prefix) :]
-        dest.parent.mkdir(parents=True, exist_ok=True)
+    found = _checkpoints_in(names, folder)
+    hint = f"; checkpoints here: {', '.join(found[-5:])}" if found else ""
+    raise CheckpointError(
+        f"{uri}: neither a save_folder (no {_LATEST_POINTER}) nor a sharded checkpoint folder "
+        f"(no {_DCP_METADATA}); pass a checkpoint's .pt or sharded folder URI{hint}"
+    )
+
+
+def _download(uri: str, tmp: Path) -> Path:
+    """Fetch the one checkpoint a remote URI names (see :func:`_remote_checkpoint`) into ``tmp``.
+
+    Only that checkpoint's objects are downloaded: for a save_folder, the newest checkpoint its
+    ``latest`` pointer names, never the other checkpoints kept next to it.
+    """
+    from composer.utils import get_file, maybe_create_object_store_from_uri, parse_uri
+
+    scheme, bucket, path = parse_uri(uri)
+    if scheme in ("http", "https"):  # one file; nothing to list or follow
+        dest = tmp / (posixpath.basename(path) or "checkpoint.pt")
+        try:
+            get_file(uri, str(dest), progress_bar=False)
+        except FileNotFoundError:
+            raise CheckpointError(f"{uri}: not found") from None
+        return dest
+    try:
+        store = maybe_create_object_store_from_uri(uri)
+    except NotImplementedError as err:
+        raise CheckpointError(f"{uri}: {err}") from None
+    if store is None:
+        raise CheckpointError(f"{uri}: not an object-store URI (s3://, gs://, oci://, ...)")
+    root = f"{scheme}://{bucket}"
+    name, kind = _remote_checkpoint(store, uri, root, path.strip("/"), tmp)
+    dest = tmp / posixpath.basename(name)
+    if kind == "file":
+        log.info("downloading %s/%s", root, name)
         store.download_object(name, str(dest))
-    return tmp
+        return dest
+    prefix = f"{name}/" if name else ""
+    objects = [n for n in store.list_objects(prefix) if "/" not in n[len(prefix) :]]
+    log.info("downloading %s/%s (%d objects)", root, prefix, len(objects))
+    for obj in objects:
+        store.download_object(obj, str(dest / obj[len(prefix) :]))
+    return dest
 
 
 def _resolve_local(path: Path) -> Path:
-    """A checkpoint file, a sharded folder, or a save_folder (its ``latest-rank0.pt``)."""
+    """A checkpoint file, a sharded folder, or a save_folder (its ``latest-rank0.pt``, or the
+    ``latest-rank0.pt.symlink`` pointer file of a save_folder copied from a bucket)."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file or folder")
     if path.is_dir() and not (path / _DCP_METADATA).is_file():
-        latest = path / "latest-rank0.pt"
+        latest = path / _LATEST_LINK
         if latest.exists():
             return latest.resolve()
+        pointer = path / _LATEST_POINTER  # a save_folder copied down from a bucket
+        if pointer.is_file():
+            target = pointer.read_text(encoding="utf-8")
+            for name in _pointer_candidates(target, ""):
+                if (path / name).exists():
+                    return path / name
+            raise CheckpointError(f"{pointer} names {target.strip()}, which is not in {path}")
+        if latest.is_symlink():
+            raise CheckpointError(f"{latest} points at {os.readlink(latest)}, which does not exist")
         raise CheckpointError(
             f"{path}: a folder without {_DCP_METADATA} (not a sharded checkpoint) and without "
-            "latest-rank0.pt; pass a .pt file or a sharded checkpoint folder"
+            f"{_LATEST_LINK}; pass a .pt file or a sharded checkpoint folder"
         )
     return path
 
@@ -153,7 +287,8 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> LoadedCh
 
     Args:
         path: A monolithic ``.pt``, a sharded checkpoint folder (``.metadata`` + ``*.distcp``),
-            a ``save_folder`` holding ``latest-rank0.pt``, or an object-store URI of either.
+            a ``save_folder`` (its newest checkpoint, through ``latest-rank0.pt`` or, as in a
+            bucket, ``latest-rank0.pt.symlink``), or an object-store URI of any of these.
         trust: Allow full unpickling when the file holds types outside the allow-list.
     """
     src = str(path)

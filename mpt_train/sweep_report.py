@@ -4,6 +4,13 @@ Reads each point's ``metrics.jsonl`` (written by :class:`mpt_train.loggers.Jsonl
 cost monitor's metrics (``cost/*``) are preferred; Composer's SpeedMonitor ones
 (``throughput/*``) fill in when the cost monitor was off. A point with no metrics (not run yet,
 crashed before its first step) is listed with its status rather than silently left out.
+
+Status: ``exit N`` for a point the local launcher saw fail, ``ok`` for one it saw exit 0. A
+point without an exit status (a Slurm job, or a dry run) is judged by what its run left: ``ok``
+when its metrics show training reached the spec's ``max_duration`` (Composer logs the final
+``time/<unit>`` only after the last batch), ``incomplete (step N of <max_duration>)`` when they
+stop short (still running, or crashed or cancelled: the metrics cannot tell which), ``unknown``
+when the spec or the time metrics cannot be read, and ``missing`` when there are no metrics.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from mpt_train.loggers.jsonl import read_metrics
 from mpt_train.sweep import MANIFEST
@@ -75,8 +84,44 @@ def summarize(point: dict[str, Any]) -> PointResult:
     res.cost_usd = _last(rows, "cost/usd")
     res.gpu_hours = _last(rows, "cost/gpu_hours")
     rc = point.get("returncode")
-    res.status = "ok" if rc in (None, 0) else f"exit {rc}"
+    res.status = (
+        _status_from_metrics(point, rows) if rc is None else "ok" if rc == 0 else f"exit {rc}"
+    )
     return res
+
+
+# Composer's time units -> the ``time/<name>`` count its trainer logs. During training it is
+# logged as each batch starts (work done before it); the full count only once the last batch has
+# finished, so reaching ``max_duration`` in it means the run trained to the end.
+_TIME_METRIC = {"ba": "time/batch", "tok": "time/token", "sp": "time/sample", "ep": "time/epoch"}
+
+
+def _max_duration(point: dict[str, Any]) -> tuple[str, float, str] | None:
+    """``(as written, value, unit)`` of the point's ``max_duration`` from its resolved spec."""
+    from composer.core import Time
+
+    try:
+        written = yaml.safe_load(Path(point["spec"]).read_text(encoding="utf-8"))["max_duration"]
+        t = Time.from_input(written, "ep")
+    except (KeyError, OSError, TypeError, ValueError, yaml.YAMLError):
+        return None
+    unit = t.unit.value
+    return (str(written), float(t.value), unit) if unit in _TIME_METRIC else None
+
+
+def _status_from_metrics(point: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """A point with no exit status: did its run reach ``max_duration``? (module docstring)."""
+    target = _max_duration(point)
+    if target is None:
+        return "unknown"
+    written, value, unit = target
+    key = _TIME_METRIC[unit]
+    done = [r[key] for r in rows if isinstance(r.get(key), int | float)]
+    if not done:
+        return "unknown"
+    if max(done) >= value:
+        return "ok"
+    return f"incomplete (step {int(rows[-1]['step'])} of {written})"
 
 
 COLUMNS = (

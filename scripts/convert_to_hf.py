@@ -2,6 +2,7 @@
 
     python scripts/convert_to_hf.py runs/quickstart/checkpoints/latest-rank0.pt out/quickstart-hf
     python scripts/convert_to_hf.py s3://bucket/ckpts/ep0-ba1000 out/hf --dtype bf16   # sharded
+    python scripts/convert_to_hf.py s3://bucket/ckpts out/hf   # a save_folder: its newest checkpoint
 
 The folder loads with ``AutoModelForCausalLM.from_pretrained(out)`` as ``MptForCausalLM``.
 A model config transformers' MPT cannot represent (GQA, learned positions, qk_ln, ...) is

@@ -254,7 +254,8 @@ class SpeedMonitorConfig:
 class CostConfig:
     """GPU type and price: what a run costs, for the cost monitor and ``scripts/plan.py``."""
 
-    # a100_40gb | a100_80gb | h100 | h200; None = detect from the visible GPU
+    # a100_40gb | a100_80gb | h100 (SXM) | h100_pcie | h100_nvl | h200 | h200_nvl;
+    # None = detect from the visible GPU
     gpu_type: str | None = None
     # None = the default of mpt_train.accounting's table for the GPU type
     price_per_gpu_hour: float | None = None

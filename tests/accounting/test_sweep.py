@@ -165,3 +165,45 @@ def test_four_point_sweep_runs_locally_on_cpu_and_collects(tmp_path: Path, sweep
     assert md.count("| ok |") == 4
     png = (out / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.slow
+def test_slurm_points_get_their_status_from_what_the_run_left(
+    tmp_path: Path, sweep_mds: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slurm hands back no exit status, so the report reads each run's metrics: a run that
+    trained to max_duration is ok, one killed midway is incomplete (not "ok"), one never
+    started is missing."""
+    from mpt_train.sweep_report import collect
+    from mpt_train.trainer import train
+
+    monkeypatch.chdir(tmp_path)
+    points_over = [
+        {"max_duration": "1024tok", "scheduler.t_warmup": "0.1dur"},
+        {"max_duration": "3ba"},
+        {"seed": 3},
+    ]
+    sweep = load_sweep(write_sweep(tmp_path, sweep_mds, grid={}, points=points_over))
+    points = resolve(sweep)
+    write_slurm(sweep, points, dry_run=True, workdir=tmp_path)
+    assert all(p.returncode is None for p in points)
+
+    train(load_config(points[0].spec))  # 2 batches of 16 x 32 tokens: reaches 1024tok
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    killed = subprocess.run(  # SIGKILLed once its first batch is done, as a lost node would be
+        [sys.executable, str(REPO / "tests/training/kill_after.py"), "1", "0", points[1].spec],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+
+    results, out = collect(sweep.out_dir)
+    assert [r.status for r in results] == ["ok", "incomplete (step 1 of 3ba)", "missing"]
+    assert [r.steps for r in results] == [2, 1, None]
+    with out["csv"].open() as f:
+        assert [row["status"] for row in csv.DictReader(f)] == [r.status for r in results]
+    # Without its spec there is no max_duration to compare with: say so rather than guess.
+    Path(points[0].spec).unlink()
+    assert collect(sweep.out_dir)[0][0].status == "unknown"
