@@ -46,3 +46,17 @@ def _clean_streaming_shm() -> Iterator[None]:
     clean_stale_shared_memory()
     yield
     clean_stale_shared_memory()
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging() -> Iterator[None]:
+    """Entry points called in-process (``main([...])``) configure root logging with the stream
+    pytest captured for that test; once that stream is closed, a later test's log line would
+    fail with "--- Logging error ---". Each test gets the root logger back as it found it."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

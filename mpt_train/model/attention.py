@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpt_train.errors import ConfigError
-from mpt_train.model.alibi import alibi_bias
+from mpt_train.model.alibi import alibi_bias, alibi_slopes
 from mpt_train.model.config import MPTConfig
 from mpt_train.model.flex import BlockMask, flex_attend, flex_attention_available, flex_block_mask
 from mpt_train.model.norm import build_norm
@@ -249,6 +249,7 @@ class MPTAttention(nn.Module):
         self.clip_qkv = acfg.clip_qkv
         self.softmax_scale = acfg.softmax_scale or 1.0 / math.sqrt(self.head_dim)
         self.attn_pdrop = acfg.attn_pdrop
+        self.alibi, self.alibi_bias_max = acfg.alibi, acfg.alibi_bias_max
         kv_dim = self.kv_n_heads * self.head_dim
         self.Wqkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=not cfg.no_bias)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=not cfg.no_bias)
@@ -262,12 +263,16 @@ class MPTAttention(nn.Module):
     def forward(
         self,
         x_BSM: torch.Tensor,
-        slopes_H: torch.Tensor | None,
         seq_id_BS: torch.Tensor | None = None,
         past_kv: KVCache | None = None,
         mask: AttnMask = None,
     ) -> tuple[torch.Tensor, KVCache]:
-        """Return the attention output ``[B,S,M]`` and this layer's updated (k, v) cache."""
+        """Return the attention output ``[B,S,M]`` and this layer's updated (k, v) cache.
+
+        The ALiBi slopes are made here, in fp32, rather than passed in: a sharding wrapper casts
+        a block's floating-point inputs to its compute dtype, and bf16 slopes are off by up to
+        3e-3 (64 heads). A compiled block folds them into a constant.
+        """
         batch, seq_len, d_model = x_BSM.shape
         qkv = self.Wqkv(x_BSM)
         if self.clip_qkv is not None:
@@ -283,6 +288,11 @@ class MPTAttention(nn.Module):
         if past_kv is not None:
             k_BGSD = torch.cat([past_kv[0], k_BGSD], dim=2)
             v_BGSD = torch.cat([past_kv[1], v_BGSD], dim=2)
+        slopes_H = (
+            alibi_slopes(self.n_heads, self.alibi_bias_max, device=x_BSM.device)
+            if self.alibi
+            else None
+        )
         out_BHSD = attend(
             self.impl,
             q_BHSD,

@@ -50,7 +50,6 @@ class MPTBlock(nn.Module):
     def forward(
         self,
         x_BSM: torch.Tensor,
-        slopes_H: torch.Tensor | None = None,
         seq_id_BS: torch.Tensor | None = None,
         past_kv: KVCache | None = None,
         mask: AttnMask = None,
@@ -59,7 +58,7 @@ class MPTBlock(nn.Module):
 
         ``mask`` is the attention mask the model built once for all its blocks.
         """
-        attn_BSM, kv = self.attn(self.norm_1(x_BSM), slopes_H, seq_id_BS, past_kv, mask)
+        attn_BSM, kv = self.attn(self.norm_1(x_BSM), seq_id_BS, past_kv, mask)
         x_BSM = x_BSM + self.resid_attn_dropout(attn_BSM)
         x_BSM = x_BSM + self.resid_ffn_dropout(self.ffn(self.norm_2(x_BSM)))
         return x_BSM, kv

@@ -126,7 +126,7 @@ class MPTModel(nn.Module):
         new_cache: list[KVCache] = []
         for i, block in enumerate(self.blocks):
             layer_past = None if past_key_values is None else past_key_values[i]
-            x_BSM, kv = block(x_BSM, slopes_H, sequence_id, layer_past, mask)
+            x_BSM, kv = block(x_BSM, sequence_id, layer_past, mask)
             if use_cache:
                 new_cache.append(kv)
         x_BSM = self.norm_f(x_BSM)
