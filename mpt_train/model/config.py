@@ -91,12 +91,15 @@ class InitConfig:
     The MPT default is kaiming-normal (fan_in, relu gain, i.e. std sqrt(2/fan_in)) for every
     linear layer and the embedding, with the residual output projections (``attn.out_proj``,
     ``ffn.down_proj``) divided by sqrt(2 * n_layers) so the residual stream's variance does not
-    grow with depth. ``name='normal'`` uses a fixed ``init_std`` instead.
+    grow with depth. ``name='normal'`` uses a fixed ``init_std`` instead. ``init_gain`` is the
+    negative slope of ``init_nonlinearity: leaky_relu`` (torch ignores it for ``relu``, so a
+    gain with ``relu`` is refused rather than silently dropped).
     """
 
     name: str = "kaiming_normal"
     fan_mode: str = "fan_in"
     init_gain: float = 0.0
+    init_nonlinearity: str = "relu"
     init_std: float | None = None
     emb_init_std: float | None = None
     init_div_is_residual: bool = True
@@ -104,6 +107,13 @@ class InitConfig:
     def __post_init__(self) -> None:
         check_choice("name", self.name, INIT_NAMES)
         check_choice("fan_mode", self.fan_mode, FAN_MODES)
+        check_choice("init_nonlinearity", self.init_nonlinearity, ("relu", "leaky_relu"))
+        if self.init_gain and self.init_nonlinearity == "relu":
+            raise ConfigError(
+                "init_gain",
+                f"got {self.init_gain}, but it is leaky_relu's negative slope and has no effect "
+                "with init_nonlinearity relu; set init_nonlinearity: leaky_relu or init_gain: 0",
+            )
         if self.name == "normal" and (self.init_std is None or self.init_std <= 0):
             raise ConfigError("init_std", f"got {self.init_std}, name 'normal' needs a std > 0")
         if self.emb_init_std is not None and self.emb_init_std <= 0:

@@ -36,6 +36,7 @@ def sample_next(
         cum_BV = torch.softmax(sorted_BV, dim=-1).cumsum(dim=-1)
         # Drop a token when the tokens ranked above it already reach top_p (keeps at least one).
         drop_sorted_BV = (cum_BV - torch.softmax(sorted_BV, dim=-1)) >= top_p
+        drop_sorted_BV[..., 0] = False  # the most likely token always stays (top_p <= 0 too)
         drop_BV = drop_sorted_BV.scatter(-1, order_BV, drop_sorted_BV)
         logits_BV = logits_BV.masked_fill(drop_BV, float("-inf"))
     probs_BV = torch.softmax(logits_BV, dim=-1)

@@ -31,8 +31,11 @@ def residual_std_divisor(cfg: MPTConfig) -> float:
 def _init_matrix(weight: torch.Tensor, cfg: MPTConfig) -> None:
     icfg = cfg.init_config
     if icfg.name == "kaiming_normal":
-        # std = gain / sqrt(fan), gain = sqrt(2 / (1 + a^2)) for relu: MPT's default.
-        nn.init.kaiming_normal_(weight, a=icfg.init_gain, mode=icfg.fan_mode, nonlinearity="relu")
+        # std = gain / sqrt(fan): sqrt(2) for relu (MPT's default), sqrt(2 / (1 + a^2)) for
+        # leaky_relu with negative slope a = init_gain.
+        nn.init.kaiming_normal_(
+            weight, a=icfg.init_gain, mode=icfg.fan_mode, nonlinearity=icfg.init_nonlinearity
+        )
     else:
         nn.init.normal_(weight, mean=0.0, std=icfg.init_std)
 

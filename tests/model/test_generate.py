@@ -92,6 +92,8 @@ def test_sample_next_controls() -> None:
     assert torch.equal(sample_next(logits), greedy)
     assert torch.equal(sample_next(logits, temperature=1.0, top_k=1, generator=gen), greedy)
     assert torch.equal(sample_next(logits, temperature=1.0, top_p=1e-6, generator=gen), greedy)
+    # top_p = 0 (as transformers allows) keeps the top token instead of failing to sample.
+    assert torch.equal(sample_next(logits, temperature=1.0, top_p=0.0, generator=gen), greedy)
     top3 = logits.topk(3, dim=-1).indices
     for _ in range(50):
         tok = sample_next(logits, temperature=2.0, top_k=3, generator=gen)

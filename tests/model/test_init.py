@@ -94,3 +94,18 @@ def test_init_weights_reinitialises_everything() -> None:
             p.fill_(float("nan"))
     init_weights(model)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_init_gain_is_leaky_relus_slope_and_refused_where_it_would_do_nothing() -> None:
+    import pytest
+
+    from mpt_train.errors import ConfigError
+
+    d = 512
+    cfg = MPTConfig(d_model=d, n_heads=4, n_layers=1, vocab_size=64, max_seq_len=8,
+                    init_config=InitConfig(init_nonlinearity="leaky_relu", init_gain=1.0))  # fmt: skip
+    torch.manual_seed(0)
+    w = build_model(cfg).blocks[0].attn.Wqkv.weight
+    assert w.std().item() == pytest.approx(math.sqrt(1.0 / d), rel=0.02)  # sqrt(2/(1+1)) / sqrt(d)
+    with pytest.raises(ConfigError, match="init_gain"):
+        InitConfig(init_gain=1.0)  # relu ignores it
