@@ -35,7 +35,9 @@ RUN pip install --no-cache-dir \
         "safetensors>=0.4" \
         omegaconf==2.4.0 \
         wandb==0.28.2 \
-        "tqdm>=4.66"
+        "tqdm>=4.66" \
+        "datasets>=3" \
+        "matplotlib>=3.8"
 
 WORKDIR /workspace/mpt-train
 COPY --chown=1000:1000 pyproject.toml README.md train.py ./

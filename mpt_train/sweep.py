@@ -222,7 +222,13 @@ def launch_local(
 ) -> int:
     """Run the points one after another on this node; a failed point does not stop the rest."""
     if sweep.nodes != 1:
-        raise ConfigError("nodes", f"the local launcher runs on one node, got nodes={sweep.nodes}")
+        # One sweep file serves both launchers; here every point runs on this node alone.
+        log.warning(
+            "nodes=%d is for --launcher slurm: the local launcher runs each point on this "
+            "node's %d GPU(s)",
+            sweep.nodes,
+            sweep.gpus,
+        )
     failed = 0
     for p in points:
         cmd = composer_command(sweep.gpus, train_script, p.spec)

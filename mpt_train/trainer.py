@@ -40,7 +40,12 @@ from mpt_train.eval.callback import ICLEvalCallback
 from mpt_train.loggers import ConsoleLine, JsonlLogger
 from mpt_train.model import MPTBlock, build_model, init_weights
 from mpt_train.optim import build_optimizer, build_scheduler
-from mpt_train.reliability import check_load_path_trusted, prepare_resume, reliability_callbacks
+from mpt_train.reliability import (
+    check_load_path_trusted,
+    check_resume_layout,
+    prepare_resume,
+    reliability_callbacks,
+)
 
 __all__ = ["RunSpecRecorder", "build_trainer", "resolve_run_name", "train"]
 
@@ -300,6 +305,11 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
             f"({len(tokenizer)} ids); token ids past the table would fail on the first step",
         )
     parallelism = _parallelism(cfg, device)
+    if autoresume:
+        sharded = parallelism is not None and cfg.fsdp is not None
+        check_resume_layout(
+            cfg.save_folder, run_name, sharded and cfg.fsdp.state_dict_type == "sharded"
+        )
     model_cfg = cfg.model
     if model_cfg.init_device == "meta" and parallelism and device == "gpu":
         # FSDP shards the meta model, then Composer materialises each shard with this function.

@@ -7,8 +7,10 @@ from typing import TYPE_CHECKING
 
 from mpt_train.reliability.checkpoints import (
     CheckpointIntegrity,
+    CheckpointLayoutError,
     CheckpointSaveError,
     CheckpointUploadError,
+    check_resume_layout,
     prepare_resume,
 )
 from mpt_train.reliability.config import LossGuardConfig, ReliabilityConfig
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CheckpointCorruptError",
     "CheckpointIntegrity",
+    "CheckpointLayoutError",
     "CheckpointSaveError",
     "CheckpointUploadError",
     "LossGuard",
@@ -34,6 +37,7 @@ __all__ = [
     "ReliabilityConfig",
     "UntrustedCheckpointError",
     "check_load_path_trusted",
+    "check_resume_layout",
     "load_weights_safely",
     "prepare_resume",
     "reliability_callbacks",

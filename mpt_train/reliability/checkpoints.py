@@ -55,8 +55,10 @@ __all__ = [
     "LATEST_LINK",
     "QUARANTINE",
     "CheckpointIntegrity",
+    "CheckpointLayoutError",
     "CheckpointSaveError",
     "CheckpointUploadError",
+    "check_resume_layout",
     "prepare_resume",
 ]
 
@@ -77,6 +79,10 @@ class CheckpointSaveError(RunFailure):
 
 class CheckpointUploadError(RunFailure):
     """A checkpoint upload failed after retries; the message names the URL."""
+
+
+class CheckpointLayoutError(RunFailure):
+    """A checkpoint was written in the other layout (one file vs a sharded folder)."""
 
 
 class CheckpointIntegrity(Callback):
@@ -476,3 +482,28 @@ def prepare_resume(save_folder: str, run_name: str, on_corrupt: str) -> str | No
     if "://" in folder:
         return None
     return choose_local_checkpoint(Path(folder), on_corrupt)
+
+
+def check_resume_layout(save_folder: str | None, run_name: str, sharded: bool) -> None:
+    """Refuse, naming the checkpoint, to resume a one-file checkpoint into a sharded run or a
+    sharded folder into an unsharded one (e.g. the same run name on 1 GPU, then on 2):
+    Composer would fail inside ``Trainer`` with a traceback after the model was built."""
+    if not save_folder:
+        return
+    folder = format_name_with_dist(save_folder, run_name)
+    if "://" in folder:
+        return
+    latest = Path(folder) / LATEST_LINK
+    if not (latest.exists() and (latest.is_symlink() or latest.is_dir())):
+        return
+    target = latest.resolve()
+    if target.is_dir() == sharded:
+        return
+    written = "a sharded folder (several ranks)" if target.is_dir() else "one file (one rank)"
+    wanted = "sharded (fsdp.state_dict_type: sharded" if sharded else "one file (unsharded"
+    raise CheckpointLayoutError(
+        f"cannot resume from {target}: it was written as {written}, but this run saves and "
+        f"loads checkpoints as {wanted} on {dist.get_world_size()} rank(s)); resume it with the "
+        "world size and fsdp settings that wrote it, or give this run another run_name or "
+        "save_folder"
+    )

@@ -77,6 +77,19 @@ def _stub(bin_dir: Path, name: str, body: str) -> None:
     path.chmod(0o755)
 
 
+def test_a_multi_node_sweep_file_also_runs_with_the_local_launcher(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same file serves Slurm (2 nodes) and a local trial run: nodes is noted, not fatal."""
+    from mpt_train.sweep import main
+
+    path = write_sweep(tmp_path, "/data/x", nodes=2, gpus=8)
+    assert main([str(path), "--dry-run", "--out-dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("composer -n 8 train.py") == 4
+    assert "nodes=2 is for --launcher slurm" in caplog.text
+
+
 def test_slurm_scripts_for_2_nodes_x_8_gpus_give_world_size_ranks_and_master(
     tmp_path: Path,
 ) -> None:

@@ -293,3 +293,30 @@ def test_unreadable_shard_is_reported_like_corruption_not_raised_past_the_collec
     assert choose_local_checkpoint(tmp_path, "fallback") == CKPT.format(2)
     assert (tmp_path / ".quarantine" / CKPT.format(4)).is_file()
     assert (tmp_path / "latest-rank0.pt").resolve() == (tmp_path / CKPT.format(2)).resolve()
+
+
+def test_resuming_a_one_rank_checkpoint_on_two_sharded_ranks_names_it(
+    mds_dir: Path, in_tmp: Path
+) -> None:
+    """Same run name on one process, then on two FSDP ranks: the checkpoint is one file, the
+    sharded run needs a folder. One line naming the checkpoint, not a traceback from inside
+    Composer after the model is built; the reverse (a sharded folder, one rank) likewise."""
+    from mpt_train.reliability import CheckpointLayoutError, check_resume_layout
+    from tests.training.conftest import composer_cmd
+
+    ckpt = in_tmp / "ckpt"
+    spec = spec_for(mds_dir, ckpt, max_duration="2ba", fsdp={"sharding_strategy": "FULL_SHARD"})
+    train(load_config_dict(spec))
+    spec_file = write_spec(in_tmp / "spec.yaml", {**spec, "max_duration": "4ba"})
+    two = run([*composer_cmd(2), str(REPO / "train.py"), str(spec_file)], cwd=in_tmp, check=False)
+    assert two.returncode != 0
+    line = f"run failed: cannot resume from {ckpt / CKPT.format(2)}: it was written as one file"
+    assert line in two.stderr, two.stderr[-3000:]
+    assert "Traceback" not in two.stderr
+
+    sharded = in_tmp / "sharded" / "ep0-ba2"
+    sharded.mkdir(parents=True)
+    (sharded.parent / "latest-rank0.pt").symlink_to("ep0-ba2")
+    with pytest.raises(CheckpointLayoutError, match="written as a sharded folder"):
+        check_resume_layout(str(sharded.parent), "tiny", sharded=False)
+    check_resume_layout(str(sharded.parent), "tiny", sharded=True)
