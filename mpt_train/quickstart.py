@@ -38,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     t0 = time.monotonic()
     data = Path(cfg.train_loader.dataset.local or "data/quickstart")
-    if not (data / "train" / "index.json").is_file():
+    # stats.json is written last, once every split is complete.
+    if not (data / "stats.json").is_file():
         log.info("preparing %s from the shipped corpus", data)
         convert_corpus(
             ConvertOptions(
@@ -52,9 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_data = time.monotonic() - t0
     trainer = train(cfg)
     wall = time.monotonic() - t0
-    metrics = (
-        Path(cfg.loggers.jsonl.path.format(run_name=cfg.run_name)) if cfg.loggers.jsonl else None
-    )
+    run_name = trainer.state.run_name  # generated when the spec names none
+    metrics = Path(cfg.loggers.jsonl.path.format(run_name=run_name)) if cfg.loggers.jsonl else None
     rows = read_metrics(metrics) if metrics and metrics.is_file() else []
     losses = [r["loss/train/total"] for r in rows if "loss/train/total" in r]
     evals = [
@@ -71,10 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  eval loss      {evals[-1]:.3f}")
     print(f"  data           {data}/{{train,val}}")
     print(
-        f"  checkpoints    {cfg.save_folder.format(run_name=cfg.run_name) if cfg.save_folder else '-'}"
+        f"  checkpoints    {cfg.save_folder.format(run_name=run_name) if cfg.save_folder else '-'}"
     )
     print(f"  metrics        {metrics}")
-    print(f"  spec           runs/{cfg.run_name}/config.yaml")
+    print(f"  spec           runs/{run_name}/config.yaml")
     return 0
 
 

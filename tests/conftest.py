@@ -20,10 +20,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """A SeaweedFS S3 server on 127.0.0.1 with bucket ``mpt-train``; env points at it."""
+def s3_session() -> Iterator[S3Server]:
+    """A SeaweedFS S3 server on 127.0.0.1 with bucket ``mpt-train``, for the whole session."""
     with serving("mpt-train") as server:
         yield server
+
+
+@pytest.fixture
+def s3_server(s3_session: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """The session's server, with the environment boto3 and streaming read pointed at it for
+    this test only (other tests, and other servers' tests, see their own)."""
+    for key, value in s3_session.env.items():
+        monkeypatch.setenv(key, value)
+    return s3_session
 
 
 @pytest.fixture(scope="session")

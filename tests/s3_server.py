@@ -262,25 +262,11 @@ class S3Server:
 
 @contextlib.contextmanager
 def serving(bucket: str) -> Iterator[S3Server]:
-    """A started server whose environment (endpoint, keys) is set for the duration."""
-    saved = {
-        k: os.environ.get(k)
-        for k in (
-            "S3_ENDPOINT_URL",
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_DEFAULT_REGION",
-        )
-    }
+    """A started server, closed at the end. Its environment (``server.env``) is for the caller
+    to set where it is needed: set for a whole session it would leak into every later test."""
     server = S3Server(bucket=bucket)
     server.start()
-    os.environ.update(server.env)
     try:
         yield server
     finally:
         server.close()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value

@@ -73,6 +73,9 @@ class CostTotals:
     lost_gpu_s: float = 0.0
     lost_usd: float = 0.0
     restarts: int = 0
+    #: The attempt reached max_duration (ledger only): a later start under the same run name
+    #: is a new run, not a restart.
+    finished: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CostTotals:
@@ -223,10 +226,27 @@ class CostMonitor(Callback):
 
     def fit_start(self, state: State, logger: Logger) -> None:
         self._last_batch = int(state.timestamp.batch)
-        if not self._loaded:
+        prev = self._read_ledger()
+        if prev is not None and prev.finished and not self._loaded:
+            # The name's earlier run completed: this is a new run, its ledger starts afresh.
+            log.info("cost monitor: %s finished before; starting a new ledger", self.ledger)
+        elif not self._loaded and self._last_batch > 0:
+            # Resumed from a checkpoint without cost totals: what it cost is unknown.
+            log.warning(
+                "cost monitor: the checkpoint at batch %d carries no cost totals; counting "
+                "from this session",
+                self._last_batch,
+            )
+        elif not self._loaded:
             # No checkpoint: a ledger here is an earlier attempt that never saved one.
             self._charge_lost_from_ledger(None)
         self._write_ledger(self.totals(self._last_batch))
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        if _elapsed_fraction(state) >= 1.0:
+            done = self.totals(self._last_batch)
+            done.finished = True
+            self._write_ledger(done)
 
     def eval_start(self, state: State, logger: Logger) -> None:
         self._eval_started = self.clock()
@@ -236,10 +256,16 @@ class CostMonitor(Callback):
             self._eval_s += self.clock() - self._eval_started
             self._eval_started = None
 
+    def _eval_total(self, state: State) -> float:
+        """Seconds of evaluation this session: Composer's evaluators, plus callbacks that
+        evaluate from inside a batch (ICL tasks) and report it as ``eval_seconds``."""
+        inside = sum(float(getattr(cb, "eval_seconds", 0.0)) for cb in state.callbacks)
+        return self._eval_s + inside
+
     def batch_start(self, state: State, logger: Logger) -> None:
         now = self.clock()
         if self._window is None:
-            self._window = (now - self._eval_s, int(state.timestamp.token))
+            self._window = (now - self._eval_total(state), int(state.timestamp.token))
         if self._pace_start is None:
             self._pace_start = (now, _elapsed_fraction(state))
 
@@ -271,7 +297,7 @@ class CostMonitor(Callback):
             m["cost/lost_usd"] = totals.lost_usd
         if self._window is not None:
             t0, tok0 = self._window
-            dt = (now - self._eval_s) - t0
+            dt = (now - self._eval_total(state)) - t0
             if dt > 0:
                 tps = (tokens - tok0) / dt
                 m["cost/tokens_per_sec"] = tps
@@ -280,7 +306,7 @@ class CostMonitor(Callback):
                     mfu = self._flops / dt / self.world / self.peak_flops
                     m["cost/mfu"] = mfu
                     m["cost/hfu"] = hfu_from_mfu(mfu, self.activation_checkpointing)
-        self._window = (now - self._eval_s, tokens)
+        self._window = (now - self._eval_total(state), tokens)
         self._flops = 0.0
         if self._pace_start is not None:
             c0, f0 = self._pace_start

@@ -236,7 +236,7 @@ class LoggersConfig:
     jsonl: JsonlLoggerConfig | None = field(default_factory=JsonlLoggerConfig)
 
     def __post_init__(self) -> None:
-        check_time("console_log_interval", self.console_log_interval, ("ba", "ep"))
+        check_time("console_log_interval", self.console_log_interval, ("ba",))
 
 
 @dataclass

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 
 from composer.core import Callback, Event, State
+from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.utils import create_interval_scheduler
 from transformers import PreTrainedTokenizerBase
@@ -47,13 +48,24 @@ class ICLEvalCallback(Callback):
             interval, checkpoint_events=False, final_events={Event.BATCH_END}
         )
         self.history: list[dict[str, float]] = []
+        #: Seconds spent evaluating; the cost monitor leaves them out of training throughput.
+        self.eval_seconds = 0.0
+        self._last_batch: int | None = None
 
     def _run(self, state: State, logger: Logger) -> None:
+        batch = int(state.timestamp.batch)
+        if batch == self._last_batch:  # the run's end can be due at BATCH_END and EPOCH_END
+            return
+        self._last_batch = batch
         net = getattr(state.model, "model", state.model)
         t0 = time.monotonic()
         metrics = {}
-        for task in self.tasks:
-            metrics[f"icl/{task.cfg.label}/accuracy"] = evaluate_icl(net, task)
+        # The training step's precision (autocast): flash attention refuses fp32 inputs, and
+        # the scores should be those of the model as it trains.
+        with get_precision_context(state.precision, state.precision_config):
+            for task in self.tasks:
+                metrics[f"icl/{task.cfg.label}/accuracy"] = evaluate_icl(net, task)
+        self.eval_seconds += time.monotonic() - t0
         logger.log_metrics(metrics)
         self.history.append({"batch": int(state.timestamp.batch), **metrics})
         log.info(

@@ -74,7 +74,9 @@ class ConsoleLine(LoggerDestination):
         total = (
             int(max_dur.value) if max_dur is not None and max_dur.unit == TimeUnit.BATCH else None
         )
-        if due or (total is not None and step == total):
+        elapsed = state.get_elapsed_duration()
+        last = elapsed is not None and float(elapsed.value) >= 1.0  # in any max_duration unit
+        if due or last:
             self._print(format_line(step, total, self._latest))
 
     def eval_end(self, state: State, logger: Logger) -> None:

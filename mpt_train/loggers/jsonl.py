@@ -35,6 +35,16 @@ class JsonlLogger(LoggerDestination):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", encoding="utf-8")
 
+    def fit_start(self, state: State, logger: Logger) -> None:
+        # A resumed run appends (its re-done steps replace the lost attempt's in read_metrics);
+        # a run starting at batch 0 is a new run under this name: the old rows would mix in.
+        if self._file is not None and int(state.timestamp.batch) == 0:
+            self._file.truncate(0)
+
+    def eval_start(self, state: State, logger: Logger) -> None:
+        if self._step is None:  # an evaluation before the first batch (eval_first): row 0
+            self._step = int(state.timestamp.batch)
+
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         # Runs after every BATCH_END callback has logged: the step's row is complete, and is
         # on disk before anything can go wrong in the next step.

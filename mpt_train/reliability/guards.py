@@ -116,7 +116,8 @@ class LossGuard(Callback):
             f"loss guard: step {step}: {verdict}; batch input_ids sha1 "
             f"{', '.join(f'rank{r}={h}' for r, h in enumerate(fingerprints))}; action: {action}"
         )
-        (log.error if action == "stop" else log.warning)(line)
+        if dist.get_global_rank() == 0:  # every rank holds the same verdict and fingerprints
+            (log.error if action == "stop" else log.warning)(line)
         if action in ("skip", "stop"):
             for p in state.model.parameters():
                 p.grad = None

@@ -104,11 +104,12 @@ def test_table_runs_every_row_and_a_failing_row_does_not_end_it(tmp_path: Path) 
             "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.vocab_size=256",
             "variables.max_seq_len=32", "global_train_batch_size=2",
             "device_train_microbatch_size=2"]  # fmt: skip
+    spec = str(REPO / "yamls/mpt-125m.yaml")
     table = {
         "steps": 3, "warmup": 1, "timeout_s": 240,
         "rows": [
-            {"name": "typo", "spec": "yamls/mpt-125m.yaml", "overrides": ["model.n_layerz=1"]},
-            {"name": "tiny-125m", "spec": "yamls/mpt-125m.yaml", "overrides": tiny},
+            {"name": "typo", "spec": spec, "overrides": ["model.n_layerz=1"]},
+            {"name": "tiny-125m", "spec": spec, "overrides": tiny},
         ],
     }  # fmt: skip
     path = tmp_path / "table.yaml"
@@ -117,7 +118,7 @@ def test_table_runs_every_row_and_a_failing_row_does_not_end_it(tmp_path: Path) 
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(REPO / "scripts/benchmark_table.py"), str(path),
            "--json", str(tmp_path / "rows.json")]  # fmt: skip
-    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 1, run.stderr[-3000:]  # one row failed
     table_lines = [ln for ln in run.stdout.splitlines() if ln.startswith("| ")]
     assert table_lines[-2].startswith("| typo | **") and "model.n_layerz" in table_lines[-2]

@@ -60,6 +60,7 @@ class FakeState:
         self.model = FakeModel(flops)
         self.batch = {"input_ids": torch.zeros(1, 1)}
         self.run_name = "run"
+        self.callbacks: list[object] = []
 
     def at(self, batch: int) -> FakeState:
         self.timestamp = Timestamp(batch=batch, token=batch * self.tokens_per_batch)
@@ -151,6 +152,48 @@ def test_mfu_hfu_and_eval_time_excluded_from_throughput(tmp_path: Path, eight_gp
     assert m["cost/mfu"] == pytest.approx(0.5)
     assert m["cost/tokens_per_sec"] == pytest.approx(1000 / HOUR)
     assert m["cost/wall_hours"] == pytest.approx(3.0)  # eval time is still paid for
+
+
+def test_icl_time_inside_a_batch_is_excluded_from_throughput(
+    tmp_path: Path, eight_gpus: None
+) -> None:
+    """ICL tasks evaluate from inside BATCH_END, outside Composer's eval events; the time
+    they report (``eval_seconds``) is paid for but is not training time."""
+    clock, log = FakeClock(), FakeLogger()
+    state = FakeState(max_batches=10, tokens_per_batch=1000, flops=0.5 * PEAK * HOUR)
+    icl = type("ICL", (), {"eval_seconds": 0.0})()
+    state.callbacks.append(icl)
+    mon = monitor(tmp_path, clock)
+    start(mon, state, log)
+    run_batches(mon, state, log, clock, range(1, 2))
+    clock.t += 2 * HOUR  # an ICL evaluation at the end of batch 1
+    icl.eval_seconds += 2 * HOUR
+    run_batches(mon, state, log, clock, range(2, 3))
+    m = log.rows[-1]
+    assert m["cost/tokens_per_sec"] == pytest.approx(1000 / HOUR)
+    assert m["cost/mfu"] == pytest.approx(0.5)
+    assert m["cost/wall_hours"] == pytest.approx(4.0)
+
+
+def test_a_new_run_under_a_finished_runs_name_is_not_a_restart(
+    tmp_path: Path, eight_gpus: None
+) -> None:
+    """Re-running a finished spec (a sweep re-run, a smoke test twice) starts a new ledger:
+    the earlier run's hours are not charged as work lost."""
+    clock, log = FakeClock(), FakeLogger()
+    state = FakeState(max_batches=3, tokens_per_batch=1000)
+    a = monitor(tmp_path, clock)
+    start(a, state, log)
+    run_batches(a, state, log, clock, range(1, 4))
+    a.fit_end(state, log)  # type: ignore[arg-type]
+    assert json.loads((tmp_path / "run" / "ledger.json").read_text())["finished"] is True
+
+    b = monitor(tmp_path, clock)
+    start(b, state.at(0), log)
+    run_batches(b, state, log, clock, range(1, 4))
+    m = log.rows[-1]
+    assert m["cost/restarts"] == 0 and m["cost/lost_gpu_hours"] == 0.0
+    assert m["cost/gpu_hours"] == pytest.approx(3 * 8)
 
 
 def test_no_price_and_no_gpu_on_cpu_logs_hours_but_no_dollars_or_mfu(tmp_path: Path) -> None:

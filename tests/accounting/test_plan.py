@@ -27,11 +27,6 @@ MPT_7B = {
 }
 
 
-def _needs_model_yamls() -> None:
-    if not (ROOT / "yamls" / "models" / "mpt-7b.yaml").is_file():
-        pytest.skip("yamls/models/mpt-7b.yaml is not written yet")
-
-
 def test_published_mfu_is_what_mpt7b_implies() -> None:
     plan = make_plan(load_config_dict(MPT_7B), gpus=440, gpu="a100_40gb")
     assert plan.params == 6_649_286_656
@@ -40,7 +35,6 @@ def test_published_mfu_is_what_mpt7b_implies() -> None:
 
 
 def test_plan_of_the_mpt7b_spec_reproduces_published_time_and_cost() -> None:
-    _needs_model_yamls()
     cfg = load_config(SPEC_7B_1T)
     plan = make_plan(cfg, gpus=440, gpu="a100_40gb", price=2.0, mfu=PUBLISHED_MFU)
     assert plan.tokens == 10**12

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -97,7 +96,6 @@ def test_cli_reports_bad_spec_in_one_line_without_traceback(data: Path, tmp_path
 
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(spec(data)))
-    t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, str(REPO / "train.py"), str(path), "optimizer.weight_decy=0.1"],
         capture_output=True,
@@ -108,7 +106,6 @@ def test_cli_reports_bad_spec_in_one_line_without_traceback(data: Path, tmp_path
     assert proc.returncode == 2
     assert "optimizer.weight_decy" in proc.stderr and "optimizer.weight_decay" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert time.monotonic() - t0 < 60
 
 
 def test_s3_save_folder_is_probed_and_left_clean(

@@ -248,3 +248,20 @@ def test_icl_callback_logs_at_eval_interval(
     rows = read_metrics(tmp_path / "runs/tiny/metrics.jsonl")
     steps = sorted(r["step"] for r in rows if "icl/lm/accuracy" in r)
     assert steps == [2, 4]
+
+
+def test_icl_runs_once_at_a_run_end_on_an_epoch_boundary(
+    mds32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an epoch interval the end of training is due at BATCH_END and again at EPOCH_END:
+    the final ICL pass runs once, and its time is reported for the cost monitor."""
+    from mpt_train.eval.callback import ICLEvalCallback
+
+    monkeypatch.chdir(tmp_path)
+    spec = tiny_spec(mds32, max_duration="8ba", eval_interval="1ep", eval_loader=None,
+                     icl_tasks=[{**LM.__dict__, "max_seq_len": 32}])  # fmt: skip
+    spec["train_loader"]["dataset"]["epoch_size"] = 16  # 4 batches of 4
+    trainer = train(load_config_dict(spec))
+    [icl] = [cb for cb in trainer.state.callbacks if isinstance(cb, ICLEvalCallback)]
+    assert [h["batch"] for h in icl.history] == [4, 8]
+    assert icl.eval_seconds > 0

@@ -59,7 +59,7 @@ def _assert_same_weights(net: MPTModel, trained: dict[str, torch.Tensor]) -> Non
 
 @pytest.fixture(scope="module")
 def s3_run(
-    s3_server: S3Server, mds32: Path, tmp_path_factory: pytest.TempPathFactory
+    s3_session: S3Server, mds32: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[str, dict[str, torch.Tensor]]:
     """A tiny run saving to the bucket at batches 2 and 4: its save_folder URI and final weights."""
     prefix = f"export-{uuid.uuid4().hex[:8]}"
@@ -67,17 +67,16 @@ def s3_run(
         mds32,
         max_duration="4ba",
         save_interval="2ba",
-        save_folder=f"s3://{s3_server.bucket}/{prefix}/{{run_name}}",
+        save_folder=f"s3://{s3_session.bucket}/{prefix}/{{run_name}}",
         loggers={"console": False},
     )
-    old = Path.cwd()
-    os.chdir(tmp_path_factory.mktemp("s3run"))
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in s3_session.env.items():
+            mp.setenv(key, value)
+        mp.chdir(tmp_path_factory.mktemp("s3run"))
         trainer = train(load_config_dict(spec))
-    finally:
-        os.chdir(old)
     weights = {k: v.detach().clone() for k, v in trainer.state.model.model.state_dict().items()}
-    return s3_server.url(prefix, "tiny"), weights
+    return s3_session.url(prefix, "tiny"), weights
 
 
 def test_save_folder_uri_exports_the_newest_checkpoint_only(

@@ -16,10 +16,18 @@ from tests.training.conftest import mds_dir  # noqa: F401 - re-exported fixture
 
 
 @pytest.fixture(scope="session")
-def reliability_s3() -> Iterator[S3Server]:
-    """A server of its own: outage tests stop and restart it."""
+def _reliability_s3_session() -> Iterator[S3Server]:
     with serving("reliability") as server:
         yield server
+
+
+@pytest.fixture
+def reliability_s3(_reliability_s3_session: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """A server of its own (outage tests stop and restart it); its environment is set for
+    this test only."""
+    for key, value in _reliability_s3_session.env.items():
+        monkeypatch.setenv(key, value)
+    return _reliability_s3_session
 
 
 @pytest.fixture

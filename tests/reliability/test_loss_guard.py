@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ def fit(spec: dict[str, Any], *callbacks: Callback) -> None:
 
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    assert a and b, "the watched step never ran: nothing was compared"
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -67,11 +69,14 @@ def test_nan_loss_is_skipped_and_named(
     assert same(watch.before, watch.after), "a skipped step must leave the weights unchanged"
     lines = [r.getMessage() for r in caplog.records if "loss guard" in r.getMessage()]
     assert len(lines) == 1
-    assert "step 3: loss is nan" in lines[0] and f"rank0={watch.fingerprint}" in lines[0]
+    assert watch.fingerprint and "step 3: loss is nan" in lines[0]
+    assert f"rank0={watch.fingerprint};" in lines[0]
     assert "action: skip" in lines[0]
     rows = {r["step"]: r for r in read_metrics(in_tmp / "runs/tiny/metrics.jsonl")}
     assert max(rows) == 6 and all(
-        isinstance(rows[s]["loss/train/total"], float) for s in (4, 5, 6)
+        isinstance(rows[s]["loss/train/total"], float)
+        and math.isfinite(rows[s]["loss/train/total"])
+        for s in (4, 5, 6)
     ), "training goes on with finite losses after the skipped step"
 
 
@@ -83,7 +88,9 @@ def test_nan_loss_stops_with_checkpoint_and_diagnostics(mds_dir: Path, in_tmp: P
     assert (in_tmp / "ckpt/ep0-ba3-rank0.pt").is_file()
     assert (in_tmp / "ckpt/ep0-ba3-rank0.pt.manifest.json").is_file()
     events = json.loads((in_tmp / "runs/tiny/loss_guard.json").read_text())
-    assert events[0]["step"] == 3 and events[0]["batch"] == [watch.fingerprint]
+    assert (
+        watch.fingerprint and events[0]["step"] == 3 and events[0]["batch"] == [watch.fingerprint]
+    )
     saved = torch.load(in_tmp / "ckpt/ep0-ba3-rank0.pt", weights_only=False)["state"]["model"]
     before = {f"model.{k}" if not k.startswith("model.") else k: v for k, v in watch.before.items()}
     assert all(torch.equal(saved[k], before[k]) for k in before), "checkpoint predates the bad step"

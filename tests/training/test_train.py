@@ -12,7 +12,7 @@ from mpt_train.config import ConfigError, load_config_dict
 from mpt_train.loggers.jsonl import read_metrics
 from mpt_train.trainer import train
 from tests.helpers import REPO
-from tests.training.conftest import composer_cmd, run, tiny_spec, write_spec
+from tests.training.conftest import SEQ, composer_cmd, run, tiny_spec, write_spec
 
 
 def losses(path: Path) -> dict[int, float]:
@@ -187,3 +187,20 @@ def test_vocab_smaller_than_tokenizer_fails_before_training(
         train(load_config_dict(spec))
     assert e.value.key == "model.vocab_size"
     assert not (tmp_path / "runs/tiny/metrics.jsonl").exists()
+
+
+def test_a_new_run_under_an_old_name_starts_a_new_metrics_file_with_eval_first(
+    mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No checkpoint to resume: the run starts at batch 0 and its metrics replace the earlier
+    run's (whose longer tail would otherwise be read as this run's last rows). An evaluation
+    before the first batch (eval_first) is row 0."""
+    monkeypatch.chdir(tmp_path)
+    train(load_config_dict(tiny_spec(mds_dir, max_duration="5ba")))
+    val = {"dataset": {"local": str(mds_dir), "split": "val", "max_seq_len": SEQ}, "num_workers": 0}
+    spec = tiny_spec(mds_dir, max_duration="2ba", eval_loader=val, eval_first=True,
+                     eval_subset_num_batches=1)  # fmt: skip
+    train(load_config_dict(spec))
+    rows = read_metrics(tmp_path / "runs/tiny/metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert "metrics/eval/LanguageCrossEntropy" in rows[0]
