@@ -143,7 +143,11 @@ def _unsharded_fsdp_settings(cfg: RunConfig, model: ComposerMPT, world: int) -> 
             f.activation_cpu_offload,
             check_fn=lambda module: isinstance(module, MPTBlock),
         )
-    if f.mixed_precision != "DEFAULT" or f.sharding_strategy not in ("FULL_SHARD", "NO_SHARD"):
+    ignored = f.mixed_precision != "DEFAULT" or f.sharding_strategy not in (
+        "FULL_SHARD",
+        "NO_SHARD",
+    )
+    if ignored and dist.get_global_rank() == 0:
         log.warning(
             "fsdp.mixed_precision=%s / fsdp.sharding_strategy=%s have no effect without sharding "
             "(%d rank(s)); `precision` alone sets the compute dtype",

@@ -120,3 +120,32 @@ def test_guard_off_lets_nan_through(mds_dir: Path, in_tmp: Path) -> None:
     watch = WatchStep(3)
     fit(spec, ScaleOutputs(3, float("nan")), watch)
     assert any(torch.isnan(t).any() for t in watch.after.values())
+
+
+@pytest.mark.parametrize("kind", ["nonfinite", "spike"])
+def test_bad_steps_in_a_row_past_the_limit_become_a_stop(
+    kind: str, mds_dir: Path, in_tmp: Path
+) -> None:
+    """``skip`` tolerates ``max_consecutive_skips`` bad steps in a row; the next one stops the
+    run (a bad stretch of data or a diverged run is for a human, not for skipping forever)."""
+    guard = {"on_nonfinite": "skip", "on_spike": "skip", "max_consecutive_skips": 2,
+             "min_history": 2, "window": 10, "spike_factor": 2.0}  # fmt: skip
+    spec = tiny_spec(mds_dir, max_duration="8ba", reliability={"loss_guard": guard})
+    factor = float("nan") if kind == "nonfinite" else 200.0
+    with pytest.raises(LossGuardStop, match=r"step 5: .*\(3 bad steps in a row\)"):
+        fit(spec, *(ScaleOutputs(step, factor) for step in (3, 4, 5)))
+    events = json.loads((in_tmp / "runs/tiny/loss_guard.json").read_text())
+    assert [(e["step"], e["action"]) for e in events] == [(3, "skip"), (4, "skip"), (5, "stop")]
+
+
+def test_warn_logs_the_spike_and_keeps_the_update(
+    mds_dir: Path, in_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    guard = {"on_spike": "warn", "min_history": 3, "window": 10, "spike_factor": 2.0}
+    spec = tiny_spec(mds_dir, max_duration="7ba", reliability={"loss_guard": guard})
+    watch = WatchStep(6)
+    with caplog.at_level(logging.WARNING, logger="mpt_train.reliability.guards"):
+        fit(spec, ScaleOutputs(6, 200.0), watch)
+    assert not same(watch.before, watch.after), "warn must not drop the update"
+    lines = [r.getMessage() for r in caplog.records if "loss guard" in r.getMessage()]
+    assert len(lines) == 1 and "step 6" in lines[0] and "action: warn" in lines[0], lines

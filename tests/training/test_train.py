@@ -204,3 +204,32 @@ def test_a_new_run_under_an_old_name_starts_a_new_metrics_file_with_eval_first(
     rows = read_metrics(tmp_path / "runs/tiny/metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert "metrics/eval/LanguageCrossEntropy" in rows[0]
+
+
+def test_console_prints_the_documented_line_on_rank_zero(
+    mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The README's line: ``[batch 120/1000] loss 3.4121 lr 5.90e-04 tok/s 12.3k mfu 41.2%
+    ...``, every console_log_interval batches and at the last batch in any duration unit."""
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    spec = tiny_spec(mds_dir, max_duration="3ba")
+    spec["loggers"]["console_log_interval"] = "2ba"
+    train(load_config_dict(spec))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[batch ")]
+    assert [ln.split("]")[0] for ln in lines] == ["[batch 2/3", "[batch 3/3"]
+    pattern = r"\[batch 3/3\] loss \d+\.\d{4} lr \d\.\d\de[-+]\d\d tok/s [\d.]+k? mfu [\d.]+%"
+    assert re.match(pattern, lines[-1]), lines[-1]
+
+
+def test_dry_run_checks_the_batch_split_for_a_world_size(
+    mds_dir: Path, tmp_path: Path, capsys
+) -> None:
+    from mpt_train.cli import main
+
+    path = write_spec(tmp_path / "spec.yaml", tiny_spec(mds_dir, global_train_batch_size=8))
+    assert main([str(path), "--dry-run", "--world-size", "4"]) == 0
+    assert "global_train_batch_size: 8" in capsys.readouterr().out
+    assert main([str(path), "--dry-run", "--world-size", "3"]) == 2
+    assert "global_train_batch_size: 8 does not split across 3 ranks" in capsys.readouterr().err
