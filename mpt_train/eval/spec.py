@@ -15,12 +15,14 @@ Unknown keys are rejected with the dotted key, like run specs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -45,6 +47,8 @@ class EvalSpec:
         eval_sets: Named loss/perplexity sets.
         icl_tasks: ICL tasks.
         device: ``cpu`` or ``cuda``.
+        precision: ``fp32``, or ``amp_bf16`` / ``amp_fp16`` (autocast, as training ran on
+            GPUs; ``flash`` attention needs one of them).
     """
 
     model: str = ""
@@ -54,8 +58,13 @@ class EvalSpec:
     eval_sets: dict[str, EvalSetConfig] = field(default_factory=dict)
     icl_tasks: list[ICLTaskConfig] = field(default_factory=list)
     device: str = "cpu"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "amp_bf16", "amp_fp16"):
+            raise ConfigError(
+                "precision", f"got {self.precision!r}, expected fp32, amp_bf16 or amp_fp16"
+            )
         if not self.model:
             raise ConfigError("model", "required: a checkpoint or HF folder")
         if not self.eval_sets and not self.icl_tasks:
@@ -109,6 +118,20 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
     model = model.to(spec.device)
     tokenizer = load_tokenizer(spec.tokenizer or tok_name or "")
     results: dict[str, Any] = {}
+    with _precision(spec):
+        _evaluate(spec, model, tokenizer, results)
+    return results
+
+
+def _precision(spec: EvalSpec) -> contextlib.AbstractContextManager:
+    """Autocast for ``amp_*`` (the dtype training's forward ran in), nothing for fp32."""
+    if spec.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if spec.precision == "amp_bf16" else torch.float16
+    return torch.autocast(torch.device(spec.device).type, dtype=dtype)
+
+
+def _evaluate(spec: EvalSpec, model: Any, tokenizer: Any, results: dict[str, Any]) -> None:
     for name, es in spec.eval_sets.items():
         t0 = time.monotonic()
         try:
@@ -134,4 +157,3 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
         except ConfigError as err:
             raise err.with_prefix(f"icl_tasks.{i}") from None
         results[f"icl/{tc.label}/accuracy"] = evaluate_icl(model, task)
-    return results

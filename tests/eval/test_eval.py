@@ -265,3 +265,36 @@ def test_icl_runs_once_at_a_run_end_on_an_epoch_boundary(
     [icl] = [cb for cb in trainer.state.callbacks if isinstance(cb, ICLEvalCallback)]
     assert [h["batch"] for h in icl.history] == [4, 8]
     assert icl.eval_seconds > 0
+
+
+def test_eval_runs_in_the_requested_precision(
+    tiny_ckpt: Path, mds32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``precision: amp_bf16`` evaluates under autocast, as GPU training ran (and as flash
+    attention requires); the loss stays that of the fp32 evaluation to bf16 accuracy."""
+    import torch
+
+    from mpt_train.errors import ConfigError
+    from mpt_train.eval.spec import load_eval_spec, run_eval
+    from mpt_train.model import MPTModel
+
+    spec = {"model": str(tiny_ckpt), "attn_impl": "torch",
+            "eval_sets": {"val": {"mds": str(mds32), "max_seq_len": 32, "max_batches": 2}}}  # fmt: skip
+    seen: list[torch.dtype] = []
+    real = MPTModel.forward
+    monkeypatch.setattr(
+        MPTModel,
+        "forward",
+        lambda self, *a, **k: seen.append((out := real(self, *a, **k)).dtype) or out,
+    )
+    results, dtypes = {}, {}
+    for precision in ("fp32", "amp_bf16"):
+        (tmp_path / "e.yaml").write_text(yaml.safe_dump({**spec, "precision": precision}))
+        seen.clear()
+        results[precision] = run_eval(load_eval_spec(tmp_path / "e.yaml"))["eval/val/loss"]
+        dtypes[precision] = set(seen)
+    assert dtypes == {"fp32": {torch.float32}, "amp_bf16": {torch.bfloat16}}
+    assert results["amp_bf16"] == pytest.approx(results["fp32"], rel=2e-2)
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump({**spec, "precision": "bf16"}))
+    with pytest.raises(ConfigError, match="precision"):
+        load_eval_spec(tmp_path / "e.yaml")
