@@ -172,6 +172,14 @@ def test_finetune_run_from_pretrained_weights(
     del spec["train_loader"]
     spec["model"]["attn_config"]["attn_uses_sequence_id"] = True
     spec["finetune_loader"] = {"dataset": {"path": str(data), "max_seq_len": 32}}
+    from mpt_train.trainer import build_trainer
+
+    # The fine-tune starts from the checkpoint's weights (not a fresh init).
+    trainer = build_trainer(load_config_dict(spec))
+    start = trainer.state.model.model.state_dict()
+    trainer.close()
+    saved = torch.load(tiny_ckpt, weights_only=False)["state"]["model"]
+    assert start and all(torch.equal(v, saved[f"model.{k}"]) for k, v in start.items())
     train(load_config_dict(spec))
     losses = [
         r["loss/train/total"]
@@ -181,7 +189,6 @@ def test_finetune_run_from_pretrained_weights(
     assert len(losses) == 4 and all(0 < x < 20 for x in losses)
 
     spec["model"]["attn_config"]["attn_uses_sequence_id"] = False
-    from mpt_train.trainer import build_trainer
 
     with pytest.raises(ConfigError) as err:
         build_trainer(load_config_dict(spec))
