@@ -232,6 +232,9 @@ def run_benchmark(
         # Its own name: the spec's run (runs/<run_name>/config.yaml, checkpoints) is left alone.
         run_name=f"benchmark-{label}",
         max_duration=f"{steps + extra_steps}ba",
+        # The spec's schedule is for its own max_duration (perhaps in tokens); the steps timed
+        # here only need one that is valid in batches. The learning rate does not set speed.
+        scheduler=replace(cfg.scheduler, t_warmup="1ba", t_max="1dur"),
         eval_loader=None,
         eval_loaders={},
         eval_subset_num_batches=-1,

@@ -57,11 +57,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             import yaml
 
+            from mpt_train.config.schema import check_schedule
             from mpt_train.config.validate import check_batch_split
 
             if args.world_size < 1:
                 raise ConfigError("--world-size", f"got {args.world_size}, expected >= 1")
             check_batch_split(cfg, args.world_size)
+            note = check_schedule(cfg.scheduler, cfg.max_duration)
+            if note:
+                print(f"warning: {note}", file=sys.stderr)
             print(yaml.safe_dump(redact(to_container(cfg)), sort_keys=False))
             return 0
         from mpt_train.trainer import train

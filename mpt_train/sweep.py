@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from mpt_train.config import load_config, to_container
-from mpt_train.config.schema import train_seq_len
+from mpt_train.config.schema import check_schedule, train_seq_len
 from mpt_train.errors import ConfigError
 
 __all__ = [
@@ -176,6 +176,7 @@ def resolve(sweep: Sweep) -> list[Point]:
         dotlist = [*sweep.overrides, *(f"{k}={_dotlist_value(v)}" for k, v in over.items())]
         try:
             cfg = load_config(sweep.base, [*dotlist, f"run_name={run_name}"])
+            check_schedule(cfg.scheduler, cfg.max_duration)
         except ConfigError as e:
             raise ConfigError(e.key, f"sweep point {i} {over}: {e.msg}") from None
         spec_path = specs / f"{run_name}.yaml"

@@ -371,7 +371,6 @@ class RunConfig:
             raise ConfigError("eval_loaders.eval", "the label 'eval' is taken by eval_loader")
         if self.dist_timeout <= 0:
             raise ConfigError("dist_timeout", f"got {self.dist_timeout}, expected seconds > 0")
-        check_schedule(self.scheduler, self.max_duration)
         self._check_retention()
 
     def _check_retention(self) -> None:
@@ -402,7 +401,9 @@ _UNIT_WORDS = {"ba": "batches", "tok": "tokens", "sp": "samples"}
 
 def check_schedule(sched: SchedulerConfig, max_duration: str) -> str | None:
     """The LR schedule against the run's length, as Composer checks it when the Trainer is
-    built (after the model): here a mismatch fails in the spec, before any GPU time.
+    built (after the model). Called where a spec is about to run (``build_trainer`` before the
+    model, ``--dry-run``, sweeps before launching), not at load: tools that only read a spec
+    (``plan.py max_duration=1e9tok``) stay usable.
 
     Composer converts ``dur`` to ``max_duration``'s unit and epochs to batches; warmup and
     ``t_max`` must then be in the same unit and ``t_max`` must cover the run. Returns a warning

@@ -111,8 +111,10 @@ class CheckpointIntegrity(Callback):
         # written the new one's manifest: a crash in between (hashing tens of GB takes a while)
         # would leave the new checkpoint incomplete and the previous one deleted, so the run
         # would restart from scratch. Rotation happens here instead, once the manifest exists.
+        # (0, bucket only, keeps no local copy: Composer's own handling stays in charge.)
         self._keep = self._saver.num_checkpoints_to_keep
-        self._saver.num_checkpoints_to_keep = -1
+        if self._keep > 0:
+            self._saver.num_checkpoints_to_keep = -1
         original = self._saver._save_checkpoint
 
         def guarded_save(state: State, logger: Logger) -> None:
@@ -177,9 +179,9 @@ class CheckpointIntegrity(Callback):
             self._finish_remote(state, folder, name, remote)
         else:
             self._finish_local(state, folder, name)
-        self._rotate(state, folder, remote is not None)
+        self._rotate(state, folder, name, remote is not None)
 
-    def _rotate(self, state: State, folder: Path, remote: bool) -> None:
+    def _rotate(self, state: State, folder: Path, saved: str, remote: bool) -> None:
         """Keep the newest ``save_num_checkpoints_to_keep`` checkpoints now that the one just
         saved is complete.
 
@@ -189,7 +191,7 @@ class CheckpointIntegrity(Callback):
         uploaded saves are rotated as Composer does; the bucket keeps every checkpoint.
         """
         saver = self._saver
-        if saver is None or self._keep < 0:
+        if saver is None or self._keep <= 0:
             return
         if remote:
             saver.num_checkpoints_to_keep = self._keep
@@ -198,8 +200,15 @@ class CheckpointIntegrity(Callback):
             finally:
                 saver.num_checkpoints_to_keep = -1
         elif dist.get_global_rank() == 0 and folder.is_dir():
-            complete = [n for _, n in _checkpoints(folder) if manifest_path(folder, n).exists()]
-            for name in complete[self._keep :]:
+            # Only this lineage's past: checkpoints at later batches (another run saving into
+            # the same folder, an overwritten run) are not older, and never the one just saved.
+            now = int(state.timestamp.batch)
+            older = [
+                n
+                for b, n in _checkpoints(folder)
+                if b <= now and n != saved and manifest_path(folder, n).exists()
+            ]
+            for name in older[self._keep - 1 :]:
                 _delete_checkpoint(folder, name)
             _drop_stale_manifests(folder)
 

@@ -186,3 +186,20 @@ def test_benchmark_on_two_ranks_shards_and_reports_per_gpu(tmp_path: Path) -> No
     row = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
     assert row["gpus"] == 2 and row["sharding"] == "FULL_SHARD" and row["grad_accum"] == 1
     assert row["tokens_per_sec_per_gpu"] == pytest.approx(row["tokens_per_sec"] / 2)
+
+
+def test_benchmark_of_a_spec_scheduled_in_tokens(tmp_path: Path, monkeypatch) -> None:
+    """MPT-7B's spec counts its warmup in tokens (as its max_duration); the benchmark's own
+    batch-counted duration must not turn that into a schedule error."""
+    from mpt_train.benchmark import run_benchmark
+    from mpt_train.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    tiny = ["precision=fp32", "model.attn_config.impl=sdpa", "model.n_layers=1",
+            "model.d_model=32", "model.n_heads=2", "model.vocab_size=256",
+            "variables.max_seq_len=32", "global_train_batch_size=2",
+            "device_train_microbatch_size=2"]  # fmt: skip
+    cfg = load_config(REPO / "yamls/mpt-7b-1t.yaml", tiny)
+    assert cfg.scheduler.t_warmup.endswith("tok")
+    row = run_benchmark(cfg, steps=3, warmup=1, peak_flops=1e11, name="7b-1t-tiny")
+    assert row.model == "7b-1t-tiny" and row.steps_timed == 2 and row.tokens_per_sec > 0

@@ -106,8 +106,11 @@ def test_settings_that_would_fail_late_or_be_ignored_are_refused(
 ) -> None:
     """Each of these used to load and then fail inside Composer once the model was built (or
     run with a setting silently dropped)."""
+    from mpt_train.config.schema import check_schedule
+
     with pytest.raises(ConfigError) as e:
-        load_config_dict(BASE, overrides)
+        cfg = load_config_dict(BASE, overrides)
+        check_schedule(cfg.scheduler, cfg.max_duration)  # where a spec is about to run
     assert e.value.key == key, str(e.value)
     assert says in str(e.value)
 
@@ -118,12 +121,19 @@ def test_settings_that_would_fail_late_or_be_ignored_are_refused(
         ["max_duration=1e9tok", "scheduler.t_warmup=1e7tok"],
         ["max_duration=1e9tok", "scheduler.t_warmup=0.01dur"],
         ["max_duration=2ep", "scheduler.t_warmup=10ba"],  # Composer counts epochs in batches
-        ["scheduler.t_max=20ba"],
-        ["save_folder=s3://bucket/ckpt", "save_num_checkpoints_to_keep=0"],
+        ["scheduler.t_max=20ba", "scheduler.t_warmup=2ba"],
+        [
+            "save_folder=s3://bucket/ckpt",
+            "save_num_checkpoints_to_keep=0",
+            "scheduler.t_warmup=2ba",
+        ],
     ],
 )
 def test_schedules_and_retention_composer_accepts_still_load(overrides: list[str]) -> None:
-    load_config_dict(BASE, overrides)
+    from mpt_train.config.schema import check_schedule
+
+    cfg = load_config_dict(BASE, overrides)
+    assert check_schedule(cfg.scheduler, cfg.max_duration) is None
 
 
 def test_a_warmup_as_long_as_the_run_is_a_warning_not_an_error() -> None:

@@ -322,3 +322,24 @@ def test_resuming_a_one_rank_checkpoint_on_two_sharded_ranks_names_it(
     with pytest.raises(CheckpointLayoutError, match="written as a sharded folder"):
         check_resume_layout(str(sharded.parent), "tiny", sharded=False)
     check_resume_layout(str(sharded.parent), "tiny", sharded=True)
+
+
+def test_rotation_keeps_the_new_save_and_leaves_later_batches_alone(tmp_path: Path) -> None:
+    """Another run's checkpoint at a later batch in the same folder (a shared save_folder, an
+    overwritten run) is not "older": rotation removes only this lineage's past saves."""
+    from types import SimpleNamespace
+
+    from composer.core import Timestamp
+
+    from mpt_train.reliability.checkpoints import CheckpointIntegrity
+
+    for batch in (50, 100, 600):
+        (tmp_path / CKPT.format(batch)).write_bytes(b"x")
+        (tmp_path / f"{CKPT.format(batch)}.manifest.json").write_text("{}")
+    guard = CheckpointIntegrity(str(tmp_path))
+    guard._saver, guard._keep = object(), 1  # type: ignore[assignment]
+    state = SimpleNamespace(timestamp=Timestamp(batch=100))
+    guard._rotate(state, tmp_path, CKPT.format(100), remote=False)  # type: ignore[arg-type]
+    left = sorted(p.name for p in tmp_path.glob("ep*.pt"))
+    assert left == sorted([CKPT.format(100), CKPT.format(600)])
+    assert not (tmp_path / f"{CKPT.format(50)}.manifest.json").exists()
