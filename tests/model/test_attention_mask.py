@@ -82,6 +82,18 @@ def test_sdpa_mask_is_built_in_the_autocast_dtype() -> None:
     assert seen == [torch.bfloat16, torch.float32] and torch.isfinite(out).all()
 
 
+@pytest.fixture
+def no_mask_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail if a block mask is built by evaluating every (query, key) pair: at 65k tokens that
+    is a 4.3 GB temporary per row."""
+    import mpt_train.model.flex as flex
+
+    def evaluate(*args, **kwargs):
+        raise AssertionError("evaluated the mask over every (query, key) pair")
+
+    monkeypatch.setattr(flex, "create_block_mask", evaluate)
+
+
 @pytest.mark.parametrize("seq_len", [128, 384, 1024, 2048])  # whole blocks: built directly
 def test_causal_block_mask_written_down_equals_the_evaluated_one(seq_len: int) -> None:
     """The causal block mask is built from block indices (no [S, S] evaluation: 4.3 GB at 65k
@@ -108,14 +120,10 @@ def test_causal_block_mask_written_down_equals_the_evaluated_one(seq_len: int) -
 
 
 def test_long_context_causal_block_mask_is_built_without_evaluating_the_mask(
-    monkeypatch: pytest.MonkeyPatch,
+    no_mask_evaluation: None,
 ) -> None:
     import mpt_train.model.flex as flex
 
-    def evaluate(*args, **kwargs):
-        raise AssertionError("evaluated the [S, S] mask (4.3 GB at 65k tokens)")
-
-    monkeypatch.setattr(flex, "create_block_mask", evaluate)
     flex._causal_block_mask.cache_clear()
     mask = flex._causal_block_mask(65536, torch.device("cpu"))
     assert mask.kv_num_blocks.shape == (1, 1, 512) and mask.seq_lengths == (65536, 65536)
@@ -207,14 +215,10 @@ def test_document_block_mask_is_exact_for_any_ids() -> None:
 
 
 def test_long_context_document_block_mask_is_built_without_evaluating_the_mask(
-    monkeypatch: pytest.MonkeyPatch,
+    no_mask_evaluation: None,
 ) -> None:
     import mpt_train.model.flex as flex
 
-    def evaluate(*args, **kwargs):
-        raise AssertionError("evaluated the [B, S, S] mask (17 GB for four 65k rows)")
-
-    monkeypatch.setattr(flex, "create_block_mask", evaluate)
     seq_id = _packed_ids([[65536], [40000, 25536]])
     mask = flex.flex_block_mask(65536, seq_id, torch.device("cpu"))
     assert mask.kv_num_blocks.shape == (2, 1, 512)

@@ -30,6 +30,13 @@ def spec_for(mds: Path, folder: Path, **top: Any) -> dict[str, Any]:
     return tiny_spec(mds, **top)
 
 
+def killed_at_save(cwd: Path, spec_file: Path, fault: str, batch: int):
+    """Train ``spec_file`` in its own process, SIGKILLed by ``fault`` at the save of ``batch``."""
+    cmd = [sys.executable, str(REPO / "tests/reliability/fault_run.py"), fault, str(batch),
+           str(spec_file), "loggers.jsonl.path=first.jsonl"]  # fmt: skip
+    return run(cmd, cwd=cwd, check=False)
+
+
 @pytest.fixture(scope="module")
 def reference(mds_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
     """Losses of an uninterrupted 8-batch run (no checkpoints)."""
@@ -45,18 +52,7 @@ def test_kill_during_save_resumes_from_previous_complete_checkpoint(
 ) -> None:
     ckpt = in_tmp / "ckpt"
     spec_file = write_spec(in_tmp / "spec.yaml", spec_for(mds_dir, ckpt))
-    killed = run(
-        [
-            sys.executable,
-            str(REPO / "tests/reliability/fault_run.py"),
-            "--kill-during-save",
-            "6",
-            str(spec_file),
-            "loggers.jsonl.path=first.jsonl",
-        ],
-        cwd=in_tmp,
-        check=False,
-    )
+    killed = killed_at_save(in_tmp, spec_file, "--kill-during-save", 6)
     assert killed.returncode == -9, killed.stderr[-3000:]
     partial = ckpt / CKPT.format(6)
     assert partial.is_file() and not (ckpt / f"{partial.name}.manifest.json").exists()
@@ -84,18 +80,7 @@ def test_kill_before_the_manifest_keeps_the_previous_checkpoint_with_keep_one(
     spec_file = write_spec(
         in_tmp / "spec.yaml", spec_for(mds_dir, ckpt, save_num_checkpoints_to_keep=1)
     )
-    killed = run(
-        [
-            sys.executable,
-            str(REPO / "tests/reliability/fault_run.py"),
-            "--kill-before-manifest",
-            "6",
-            str(spec_file),
-            "loggers.jsonl.path=first.jsonl",
-        ],
-        cwd=in_tmp,
-        check=False,
-    )
+    killed = killed_at_save(in_tmp, spec_file, "--kill-before-manifest", 6)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert (ckpt / CKPT.format(4)).is_file(), "the last complete checkpoint was rotated away"
     assert not (ckpt / CKPT.format(2)).exists()  # rotation still happens once complete
