@@ -19,14 +19,15 @@ import torch
 import yaml
 from composer import Evaluator, Trainer
 from composer.algorithms import GradientClipping
-from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
+from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator
 from composer.core import Callback, DataSpec, State
 from composer.distributed.activation_checkpointing import apply_ac
 from composer.loggers import Logger, LoggerDestination, WandBLogger
 from composer.utils import dist, reproducibility
 from composer.utils.parallelism import FSDP2Config
 
-from mpt_train.callbacks import CostMonitor
+from mpt_train.accounting import detect_gpu_type, get_gpu
+from mpt_train.callbacks import CostMonitor, TrainSpeedMonitor
 from mpt_train.composer_model import IGNORE_INDEX, ComposerMPT, shift_labels
 from mpt_train.config import RunConfig, redact, to_container
 from mpt_train.config.schema import check_schedule
@@ -231,12 +232,15 @@ def _loggers(cfg: RunConfig, run_name: str) -> list[LoggerDestination]:
 def _callbacks(cfg: RunConfig, spec: dict[str, Any], run_dir: Path) -> list[Callback]:
     cc = cfg.callbacks
     out: list[Callback] = [RunSpecRecorder(spec, run_dir)]
+    # One peak for both monitors' MFU: the spec's, else the dense bf16 peak of the GPU named in
+    # `cost` or detected (Composer's own lookup knows no H100 NVL and reads an H200 NVL as SXM).
+    gpu_type = cfg.cost.gpu_type or detect_gpu_type()
+    peak = cc.speed_monitor.gpu_flops_available if cc.speed_monitor is not None else None
+    if peak is None and gpu_type is not None:
+        peak = get_gpu(gpu_type).peak_flops
     if cc.speed_monitor is not None:
         out.append(
-            SpeedMonitor(
-                window_size=cc.speed_monitor.window_size,
-                gpu_flops_available=cc.speed_monitor.gpu_flops_available,
-            )
+            TrainSpeedMonitor(window_size=cc.speed_monitor.window_size, gpu_flops_available=peak)
         )
     if cc.lr_monitor:
         out.append(LRMonitor())
@@ -247,9 +251,9 @@ def _callbacks(cfg: RunConfig, spec: dict[str, Any], run_dir: Path) -> list[Call
     if cc.cost_monitor is not None:
         out.append(
             CostMonitor(
-                gpu_type=cfg.cost.gpu_type,
+                gpu_type=gpu_type,
                 price_per_gpu_hour=cfg.cost.price_per_gpu_hour,
-                peak_flops=cc.speed_monitor.gpu_flops_available if cc.speed_monitor else None,
+                peak_flops=peak,
                 # applied through FSDP2, or directly to the blocks without sharding
                 activation_checkpointing=bool(cfg.fsdp and cfg.fsdp.activation_checkpointing),
                 log_interval=cc.cost_monitor.log_interval,

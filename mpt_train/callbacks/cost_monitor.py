@@ -49,6 +49,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from mpt_train.accounting import detect_gpu_type, get_gpu, hfu_from_mfu, price_per_gpu_hour
+from mpt_train.callbacks.speed_monitor import in_batch_eval_seconds
 
 __all__ = ["CostMonitor", "CostTotals"]
 
@@ -259,8 +260,7 @@ class CostMonitor(Callback):
     def _eval_total(self, state: State) -> float:
         """Seconds of evaluation this session: Composer's evaluators, plus callbacks that
         evaluate from inside a batch (ICL tasks) and report it as ``eval_seconds``."""
-        inside = sum(float(getattr(cb, "eval_seconds", 0.0)) for cb in state.callbacks)
-        return self._eval_s + inside
+        return self._eval_s + in_batch_eval_seconds(state)
 
     def batch_start(self, state: State, logger: Logger) -> None:
         now = self.clock()

@@ -242,7 +242,8 @@ class LoggersConfig:
 @dataclass
 class SpeedMonitorConfig:
     window_size: int = 10
-    # Peak FLOP/s of one device; None looks it up from the GPU name (no MFU on CPU).
+    # Peak FLOP/s of one device for MFU; None: the peak of cost.gpu_type or of the detected
+    # GPU (no MFU on CPU unless one is named).
     gpu_flops_available: float | None = None
 
     def __post_init__(self) -> None:
