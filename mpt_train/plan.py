@@ -193,6 +193,11 @@ def _check_gpus(cfg: RunConfig, gpus: int) -> None:
         lower = [n for n in near if n < gpus][-1:]
         higher = [n for n in near if n > gpus][:1]
         options = " or ".join(str(n) for n in lower + higher) or "fewer"
+        batch, mb = cfg.global_train_batch_size, cfg.device_train_microbatch_size
+        if batch % gpus == 0 and isinstance(mb, int):
+            # The batch splits; only the microbatch is too large for what each rank gets.
+            fit = max(d for d in range(1, mb + 1) if (batch // gpus) % d == 0)
+            options += f", or keep {gpus} with device_train_microbatch_size={fit}"
         raise ConfigError(
             "gpus", f"{gpus} GPUs: {e}; the nearest GPU counts that fit: {options}"
         ) from None

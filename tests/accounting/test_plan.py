@@ -68,8 +68,18 @@ def test_a_gpu_count_the_batch_does_not_split_across_is_refused() -> None:
     cfg = load_config_dict({**MPT_7B, "device_train_microbatch_size": 4})
     with pytest.raises(ConfigError, match=r"gpus: 512 GPUs: .*nearest GPU counts that fit: 440$"):
         make_plan(cfg, gpus=512, gpu="h100")
-    with pytest.raises(ConfigError, match="device_train_microbatch_size: 4 must divide"):
+    # 880 splits the batch (2 per rank) but not the microbatch: the error says what would,
+    # as the deadline plan does (test above).
+    with pytest.raises(
+        ConfigError, match=r"4 must divide.* or keep 880 with device_train_microbatch_size=2$"
+    ):
         make_plan(cfg, gpus=880, gpu="h100")
+    assert (
+        make_plan(
+            load_config_dict({**MPT_7B, "device_train_microbatch_size": 2}), gpus=880, gpu="h100"
+        ).gpus
+        == 880
+    )
 
 
 def test_faster_gpu_and_defaults_from_the_table() -> None:
