@@ -23,9 +23,11 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,6 +66,37 @@ def find_free_port(exclude: set[int] | None = None) -> int:
     raise RuntimeError("no free port found")
 
 
+class _ResettingListener:
+    """Accepts connections on ``port`` and resets each at once (no response), counting them."""
+
+    def __init__(self, port: int) -> None:
+        self.attempts = 0
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", port))
+        self._sock.listen(64)
+        self._sock.settimeout(0.1)
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.attempts += 1
+            # SO_LINGER 0: close sends a reset, and the port is left with no TIME_WAIT.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join()
+        self._sock.close()
+
+
 class S3Server:
     """Start/stop a local SeaweedFS S3 gateway with one bucket and fixed credentials.
 
@@ -85,6 +118,8 @@ class S3Server:
         os.makedirs(self.data_dir, exist_ok=True)
         self.startup_timeout = startup_timeout
         self._proc: subprocess.Popen[bytes] | None = None
+        self._stand_in: _ResettingListener | None = None
+        self._stand_in_attempts = 0
         self._log_path = os.path.join(self.data_dir, "weed.log")
         # Ports are fixed for the lifetime of the object so a restart serves the same endpoint.
         ports: set[int] = set()
@@ -155,6 +190,7 @@ class S3Server:
         """Start the server (again, on the same data dir and ports) and wait until it serves."""
         if self.running:
             return self
+        self._drop_stand_in()
         env = {**os.environ, **self.env, "S3_BUCKET": self.bucket}
         with open(self._log_path, "ab") as log_file:
             self._proc = subprocess.Popen(
@@ -235,6 +271,7 @@ class S3Server:
 
     def close(self) -> None:
         """Stop and remove the data directory if this object created it."""
+        self._drop_stand_in()
         self.stop()
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
@@ -249,6 +286,25 @@ class S3Server:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def go_down(self) -> None:
+        """Stop the server and listen on its port in its place, resetting every connection:
+        clients fail as in an outage, and :attr:`attempts_while_down` counts their tries (a
+        client that retries is seen trying; one that gave up or never tried is not)."""
+        self.stop()
+        self._stand_in_attempts = 0
+        self._stand_in = _ResettingListener(self.port)
+
+    @property
+    def attempts_while_down(self) -> int:
+        """Connections made to the port since the last :meth:`go_down`."""
+        return self._stand_in_attempts + (self._stand_in.attempts if self._stand_in else 0)
+
+    def _drop_stand_in(self) -> None:
+        if self._stand_in is not None:
+            self._stand_in.close()
+            self._stand_in_attempts = self._stand_in.attempts
+            self._stand_in = None
 
     @contextlib.contextmanager
     def outage(self) -> Iterator[None]:

@@ -22,8 +22,9 @@ from tests.training.conftest import tiny_spec
 
 
 class OutageAt(Callback):
-    """Stop the S3 server at the end of batch ``batch``; start it again ``seconds`` later
-    (``None``: only after the test)."""
+    """Take the S3 server down at the end of batch ``batch``; start it again ``seconds`` after
+    the next checkpoint save begins (``None``: only after the test), so the outage meets that
+    save's upload however long the batch in between takes."""
 
     def __init__(self, server: S3Server, batch: int, seconds: float | None) -> None:
         self.server, self.batch, self.seconds = server, batch, seconds
@@ -31,10 +32,13 @@ class OutageAt(Callback):
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if int(state.timestamp.batch) == self.batch:
-            self.server.stop()
-            if self.seconds is not None:
-                self.restarter = threading.Timer(self.seconds, self.server.start)
-                self.restarter.start()
+            self.server.go_down()
+
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        late = int(state.timestamp.batch) > self.batch
+        if late and self.seconds is not None and self.restarter is None:
+            self.restarter = threading.Timer(self.seconds, self.server.start)
+            self.restarter.start()
 
 
 def fast_symlink_checks(trainer: Trainer) -> None:
@@ -73,6 +77,8 @@ def test_short_outage_during_upload_is_retried(
         if outage.restarter is not None:
             outage.restarter.join()
     assert reliability_s3.running
+    # The upload was tried while the bucket was away, and the checkpoint is there in full.
+    assert reliability_s3.attempts_while_down > 0
     stored = objects(reliability_s3, f"{prefix}/tiny/")
     for batch in (2, 4, 6):
         name = f"{prefix}/tiny/ep0-ba{batch}-rank0.pt"
@@ -144,7 +150,7 @@ def test_outage_while_streaming_shards_is_retried(
     remote["loggers"]["jsonl"] = {"path": "remote.jsonl"}
     trainer = build_trainer(load_config_dict(remote))
     assert not list((in_tmp / "cache").rglob("*.mds*")), "no shard may be cached before the outage"
-    reliability_s3.stop()
+    reliability_s3.go_down()
     restarter = threading.Timer(4.0, reliability_s3.start)
     restarter.start()
     try:
@@ -152,6 +158,7 @@ def test_outage_while_streaming_shards_is_retried(
     finally:
         restarter.join()
         trainer.close()
+    assert reliability_s3.attempts_while_down > 0, "no shard download met the outage"
     got = {r["step"]: r["loss/train/total"] for r in read_metrics(in_tmp / "remote.jsonl")}
     want = {r["step"]: r["loss/train/total"] for r in read_metrics(in_tmp / "local.jsonl")}
     assert got == want
