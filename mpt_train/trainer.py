@@ -38,6 +38,7 @@ from mpt_train.data.finetune import FinetuneLoaderConfig, build_finetune_dataloa
 from mpt_train.data.synthetic import build_synthetic_dataloader
 from mpt_train.errors import ConfigError
 from mpt_train.eval.callback import ICLEvalCallback
+from mpt_train.eval.icl import for_model
 from mpt_train.loggers import ConsoleLine, JsonlLogger
 from mpt_train.model import MPTBlock, build_model, init_weights
 from mpt_train.optim import build_optimizer, build_scheduler
@@ -377,7 +378,9 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
     callbacks = _callbacks(cfg, spec, run_dir)
     callbacks += reliability_callbacks(rel, cfg.save_folder, run_dir)
     if cfg.icl_tasks:
-        callbacks.append(ICLEvalCallback(cfg.icl_tasks, tokenizer, cfg.eval_interval))
+        m = cfg.model
+        tasks = [for_model(t, m.learned_pos_emb, m.max_seq_len) for t in cfg.icl_tasks]
+        callbacks.append(ICLEvalCallback(tasks, tokenizer, cfg.eval_interval))
     callbacks += list(extra_callbacks or [])
     mb = (
         cfg.device_train_microbatch_size

@@ -195,6 +195,14 @@ def _text_of(record: Any, text_field: str, location: str) -> str:
         raise BadRecordError(
             location, f"text field {text_field!r} is {type(text).__name__}, not a string"
         )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # JSON's "\ud800" escapes: no tokenizer takes them
+        raise BadRecordError(
+            location,
+            f"text field {text_field!r} holds a lone surrogate "
+            f"(U+{ord(err.object[err.start]):04X} at character {err.start + 1})",
+        ) from None
     return text
 
 

@@ -20,6 +20,7 @@ Legend: B batch, S padded length, V vocab.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -40,6 +41,7 @@ __all__ = [
     "Scored",
     "build_icl_task",
     "evaluate_icl",
+    "for_model",
     "score_continuations",
 ]
 
@@ -113,21 +115,37 @@ class ICLTask:
     n_questions: int
 
 
+def for_model(cfg: ICLTaskConfig, learned_pos_emb: bool, model_max_seq_len: int) -> ICLTaskConfig:
+    """The task as a model can score it: a learned position table cannot index past its
+    length (the context is then cut from the left); ALiBi models take any length."""
+    if learned_pos_emb and cfg.max_seq_len > model_max_seq_len:
+        return dataclasses.replace(cfg, max_seq_len=model_max_seq_len)
+    return cfg
+
+
 def _records(path: Path, kind: str) -> list[dict]:
     keys = (
         ("query", "choices", "gold") if kind == "multiple_choice" else ("context", "continuation")
     )
     out = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        missing = [k for k in keys if k not in rec]
-        if missing:
-            raise ValueError(f"{path}:{lineno}: {kind} record lacks {missing} (needs {keys})")
-        if kind == "multiple_choice" and not 0 <= rec["gold"] < len(rec["choices"]):
-            raise ValueError(f"{path}:{lineno}: gold {rec['gold']} not an index of choices")
-        out.append(rec)
+    # File iteration splits on newlines only (str.splitlines would also split inside strings
+    # at U+2028 and the like, which JSON leaves raw).
+    with path.open(encoding="utf-8") as lines:
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: expected an object, got {type(rec).__name__}")
+            missing = [k for k in keys if k not in rec]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: {kind} record lacks {missing} (needs {keys})")
+            if kind == "multiple_choice" and not 0 <= rec["gold"] < len(rec["choices"]):
+                raise ValueError(f"{path}:{lineno}: gold {rec['gold']} not an index of choices")
+            out.append(rec)
     if not out:
         raise ValueError(f"{path}: no records")
     return out
@@ -147,6 +165,7 @@ def build_icl_task(cfg: ICLTaskConfig, tokenizer: PreTrainedTokenizerBase) -> IC
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     rng = random.Random(cfg.seed)
+    doubled: list[int] = []
     candidates: list[Scored] = []
     gold: list[int] = []
     for q, rec in enumerate(recs):
@@ -158,6 +177,17 @@ def build_icl_task(cfg: ICLTaskConfig, tokenizer: PreTrainedTokenizerBase) -> IC
         answers = rec["choices"] if mc else [rec["continuation"]]
         # The delimiter's space belongs to the answer's first token for BPE tokenizers.
         space = " " if cfg.continuation_delimiter.endswith(" ") else ""
+        if space and any(a[:1].isspace() for a in answers) and not doubled:
+            doubled.append(q)
+            log.warning(
+                "ICL task %s: answers that start with whitespace (%r in %s) get another from "
+                "continuation_delimiter %r; for data that carries its own spacing set "
+                "continuation_delimiter: ''",
+                cfg.label,
+                next(a for a in answers if a[:1].isspace()),
+                cfg.path,
+                cfg.continuation_delimiter,
+            )
         for answer in answers:
             candidates.append(Scored(context, encode(space + answer), q))
         gold.append(rec["gold"] if mc else 0)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
+from mpt_train.data.text_dataset import sequence_ids
 from mpt_train.errors import ConfigError
 from mpt_train.model import MPTModel
 
@@ -75,6 +76,13 @@ def check_eval_length(model: MPTModel, seq_len: int) -> None:
         )
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Numbered lines, split on newlines only (``str.splitlines`` also splits at U+2028 and
+    the like, which JSON strings may hold raw)."""
+    with path.open(encoding="utf-8") as f:
+        yield from enumerate(f, 1)
+
+
 def _jsonl_batches(
     cfg: EvalSetConfig, tokenizer: PreTrainedTokenizerBase
 ) -> Iterator[torch.Tensor]:
@@ -83,10 +91,14 @@ def _jsonl_batches(
         raise ConfigError("jsonl", f"eval file not found: {path}")
     stream: list[int] = []
     rows: list[list[int]] = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in _lines(path):
         if not line.strip():
             continue
-        text = json.loads(line).get(cfg.text_key)
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
+        text = rec.get(cfg.text_key) if isinstance(rec, dict) else None
         if not isinstance(text, str):
             raise ValueError(f"{path}:{lineno}: no string field {cfg.text_key!r}")
         stream += tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -135,6 +147,7 @@ def evaluate_perplexity(
     device = next(model.parameters()).device
     batches = _mds_batches(cfg, tokenizer) if cfg.mds else _jsonl_batches(cfg, tokenizer)
     total, count = 0.0, 0
+    per_document = model.cfg.attn_config.attn_uses_sequence_id
     was_training = model.training
     model.eval()
     try:
@@ -142,7 +155,10 @@ def evaluate_perplexity(
             if cfg.max_batches >= 0 and i >= cfg.max_batches:
                 break
             ids_BS = ids_BS.to(device)
-            logits_BSV = model(ids_BS).float()
+            # A model trained with document masks is scored as it trained (and as the
+            # trainer's eval loaders score it): each document attends to itself only.
+            seq_BS = sequence_ids(ids_BS, tokenizer.eos_token_id) if per_document else None
+            logits_BSV = model(ids_BS, sequence_id=seq_BS).float()
             loss = F.cross_entropy(
                 logits_BSV[:, :-1].flatten(0, 1), ids_BS[:, 1:].flatten(), reduction="sum"
             )

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mpt_train.errors import ConfigError
-from mpt_train.eval.icl import ICLTaskConfig, build_icl_task, evaluate_icl
+from mpt_train.eval.icl import ICLTaskConfig, build_icl_task, evaluate_icl, for_model
 from mpt_train.eval.perplexity import EvalSetConfig, evaluate_perplexity
 
 __all__ = ["EvalSpec", "load_eval_spec", "run_eval"]
@@ -150,8 +150,7 @@ def _evaluate(spec: EvalSpec, model: Any, tokenizer: Any, results: dict[str, Any
             time.monotonic() - t0,
         )
     for i, tc in enumerate(spec.icl_tasks):
-        if model.cfg.learned_pos_emb:
-            tc.max_seq_len = min(tc.max_seq_len, model.cfg.max_seq_len)
+        tc = for_model(tc, model.cfg.learned_pos_emb, model.cfg.max_seq_len)
         try:
             task = build_icl_task(tc, tokenizer)
         except ConfigError as err:

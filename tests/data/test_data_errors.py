@@ -279,3 +279,19 @@ def test_cli_reports_truncated_gzip_in_one_line(tmp_path: Path, caplog, capsys) 
     assert message.startswith(f"{path}: truncated or corrupt compressed data after line ")
     assert "\n" not in message and error.exc_info is None
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_lone_surrogate_is_a_bad_record(tmp_path: Path) -> None:
+    """JSON can escape half a UTF-16 pair (``"\\ud800"``); no tokenizer takes the result. It is
+    that record's fault, named by line, not a crash of the whole conversion."""
+    path = tmp_path / "halves.jsonl"
+    path.write_text(
+        json.dumps({"text": "A good first document."})
+        + '\n{"text": "half a pair \\ud800 here"}\n'
+        + json.dumps({"text": "A good last document."})
+        + "\n"
+    )
+    with pytest.raises(BadRecordError, match=rf"{path}:2: .*lone surrogate \(U\+D800"):
+        convert_corpus(_opts([path], tmp_path / "out"))
+    stats = convert_corpus(_opts([path], tmp_path / "skip", skip_bad_records=True))
+    assert (stats.records_read, stats.skipped_records) == (3, 1)

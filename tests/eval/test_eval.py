@@ -43,6 +43,7 @@ LM = ICLTaskConfig(
     label="lm",
     path="icl/stdlib_continuation.jsonl",
     kind="lm_continuation",
+    continuation_delimiter="",  # the shipped continuations carry their own spacing
     num_fewshot=1,
     max_seq_len=128,
     batch_size=5,
@@ -203,6 +204,93 @@ def test_jsonl_perplexity_matches_manual_cross_entropy(tmp_path: Path, tok) -> N
             n += len(row) - 1
     assert r.tokens == n and r.loss == pytest.approx(total / n, rel=1e-5)
     assert r.perplexity == pytest.approx(math.exp(total / n), rel=1e-5)
+
+
+def test_shipped_continuations_are_scored_as_written(tok, caplog) -> None:
+    """The shipped continuations carry their own spacing (" False"; "loads" after "json."):
+    with ``continuation_delimiter: ""`` each candidate is the record's text exactly. The
+    default delimiter would add a space to every answer: a warning says so."""
+    import dataclasses
+
+    path = LM.resolved_path()
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    task = build_icl_task(dataclasses.replace(LM, num_fewshot=0), tok)
+    for c, rec in zip(task.candidates, recs, strict=True):
+        assert tok.decode(c.context) == rec["context"]
+        assert tok.decode(c.continuation) == rec["continuation"]
+    assert "continuation_delimiter" not in caplog.text
+    build_icl_task(dataclasses.replace(LM, continuation_delimiter=" "), tok)
+    assert "get another from continuation_delimiter ' '" in caplog.text
+
+
+def test_jsonl_files_split_on_newlines_only(tmp_path: Path, tok) -> None:
+    """JSON leaves U+2028 raw inside strings (``ensure_ascii=False``): such a file is valid
+    JSONL for perplexity and ICL alike. A record that is not an object is named by line."""
+    texts = ["line\u2028separator and \x85 next-line inside", "A plain second document."]
+    texts = [t.encode().decode("unicode_escape") for t in texts]
+    ppl = tmp_path / "t.jsonl"
+    ppl.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+    net = build_model(MPTConfig(d_model=16, n_heads=2, n_layers=1, max_seq_len=16,
+                                vocab_size=8192, attn_config={"impl": "torch"}))  # fmt: skip
+    assert evaluate_perplexity(net, EvalSetConfig(jsonl=str(ppl), max_seq_len=16), tok).tokens > 0
+    icl = tmp_path / "c.jsonl"
+    recs = [{"context": t, "continuation": " x"} for t in texts]
+    icl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    cfg = ICLTaskConfig(label="u", path=str(icl), kind="lm_continuation", continuation_delimiter="")
+    assert build_icl_task(cfg, tok).n_questions == 2
+
+    ppl.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps(["a", "list"]) + "\n")
+    with pytest.raises(ValueError, match=rf"{ppl}:2: no string field 'text'"):
+        evaluate_perplexity(net, EvalSetConfig(jsonl=str(ppl), max_seq_len=16), tok)
+    icl.write_text(json.dumps(["a", "list"]) + "\n")
+    with pytest.raises(ValueError, match=rf"{icl}:1: expected an object, got list"):
+        build_icl_task(cfg, tok)
+
+
+def test_perplexity_of_a_document_masked_model_uses_the_masks(tmp_path: Path, tok) -> None:
+    """A model trained with ``attn_uses_sequence_id`` is scored with each document attending
+    to itself only, as training and the trainer's eval loaders score it."""
+    from mpt_train.data.text_dataset import sequence_ids
+
+    texts = ["The json module encodes objects.", "Regular expressions live in re."] * 3
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    torch.manual_seed(0)
+    net = build_model(MPTConfig(d_model=32, n_heads=2, n_layers=2, max_seq_len=32,
+                                vocab_size=8192,
+                                attn_config={"impl": "torch", "attn_uses_sequence_id": True})
+                      ).eval()  # fmt: skip
+    r = evaluate_perplexity(net, EvalSetConfig(jsonl=str(path), max_seq_len=32), tok)
+    stream = [i for t in texts for i in [*tok(t)["input_ids"], tok.eos_token_id]]
+    rows = [torch.tensor([stream[i : i + 32]]) for i in range(0, len(stream), 32)]
+    rows = [ids for ids in rows if ids.shape[1] > 1]
+    with torch.no_grad():
+
+        def loss(masked: bool) -> float:
+            total = sum(
+                float(F.cross_entropy(
+                    net(ids, sequence_id=sequence_ids(ids, tok.eos_token_id) if masked else None
+                        )[0, :-1], ids[0, 1:], reduction="sum"))
+                for ids in rows
+            )  # fmt: skip
+            return total / sum(ids.shape[1] - 1 for ids in rows)
+
+        assert r.loss == pytest.approx(loss(True), rel=1e-6)
+        assert abs(loss(False) - loss(True)) > 1e-5  # the masks matter to this model
+
+
+def test_icl_during_training_fits_a_learned_position_table(
+    mds32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ICL tasks default to 2048-token sequences; a model with learned positions trained at 32
+    scores them cut to 32 (as ``scripts/eval.py`` does) instead of failing at the first eval."""
+    monkeypatch.chdir(tmp_path)
+    spec = tiny_spec(mds32, max_duration="2ba", eval_interval="2ba", eval_loader=None,
+                     icl_tasks=[{"label": "mc", "path": "icl/stdlib_mc.jsonl", "num_fewshot": 3}])  # fmt: skip
+    spec["model"].update(learned_pos_emb=True, attn_config={"impl": "torch", "alibi": False})
+    train(load_config_dict(spec))
+    rows = read_metrics(tmp_path / "runs/tiny/metrics.jsonl")
+    assert [r["step"] for r in rows if "icl/mc/accuracy" in r] == [2]
 
 
 def test_eval_script_reports_sets_and_tasks(tiny_ckpt: Path, mds32: Path, tmp_path: Path) -> None:
