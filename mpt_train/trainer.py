@@ -188,7 +188,9 @@ def _dataloader(
     if loader.name == "synthetic":
         dl = build_synthetic_dataloader(loader, vocab_size, batch_size, emit_sequence_id=seq_id)
     else:
-        dl = build_text_dataloader(loader, tokenizer, batch_size, emit_sequence_id=seq_id)
+        dl = build_text_dataloader(
+            loader, tokenizer, batch_size, emit_sequence_id=seq_id, vocab_size=vocab_size
+        )
     return DataSpec(dl, get_num_tokens_in_batch=_pretrain_token_counts)
 
 

@@ -88,7 +88,7 @@ class TextDatasetConfig:
         predownload: Samples to download ahead per worker; ``None`` lets streaming choose.
         cache_limit: Cap on the local cache (``"10gb"``); shards are evicted beyond it.
         epoch_size: Samples per epoch (up/down-samples the streams); ``None`` = all.
-        download_retry: Re-attempts per file download before giving up.
+        download_retry: Re-attempts per file download before giving up (0: one attempt).
         download_timeout: Seconds per file download.
         validate_hash: Hash algorithm to verify shards with when their index records it
             (``mpt-convert`` writes ``xxh3_64``; a corrupted zstd shard otherwise decompresses

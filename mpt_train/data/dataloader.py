@@ -73,6 +73,7 @@ def build_text_dataset(
     device_batch_size: int,
     eos_token_id: int | None = None,
     emit_sequence_id: bool = False,
+    vocab_size: int | None = None,
 ) -> StreamingTextDataset:
     """A :class:`StreamingTextDataset` from a dataset section.
 
@@ -88,7 +89,9 @@ def build_text_dataset(
         "remote": cfg.remote if streams is None else None,
         "local": cfg.local if streams is None else None,
         "split": cfg.split,
-        "download_retry": cfg.download_retry,
+        # Streaming documents `download_retry` as re-attempts but passes it on as the number
+        # of attempts (0 would never try); this section's key means re-attempts.
+        "download_retry": cfg.download_retry + 1,
         "download_timeout": cfg.download_timeout,
         "validate_hash": cfg.validate_hash,
         "keep_zip": cfg.keep_zip,
@@ -111,6 +114,7 @@ def build_text_dataset(
         max_seq_len=cfg.max_seq_len,
         emit_sequence_id=emit_sequence_id,
         eos_token_id=eos,
+        vocab_size=vocab_size,
         **kwargs,
     )
 
@@ -120,6 +124,7 @@ def build_text_dataloader(
     tokenizer: PreTrainedTokenizerBase | None,
     device_batch_size: int,
     emit_sequence_id: bool = False,
+    vocab_size: int | None = None,
 ) -> DataLoader:
     """The DataLoader Composer's Trainer consumes (batches of ``input_ids`` [B, max_seq_len]).
 
@@ -129,6 +134,9 @@ def build_text_dataloader(
             ``dataset.eos_token_id``; may be ``None`` when neither is needed.
         device_batch_size: Samples per batch on this rank.
         emit_sequence_id: Add ``sequence_id`` [B, max_seq_len] (document index per token).
+        vocab_size: The model's vocabulary: a token id at or past it (a corrupt shard, or data
+            tokenized for another vocabulary) fails naming the shard, before it reaches the
+            embedding (on a GPU, an opaque device-side assert).
 
     With ``num_workers=0`` the worker-only options (``prefetch_factor``,
     ``persistent_workers``, ``timeout``) are not passed: torch rejects them there.
@@ -139,7 +147,9 @@ def build_text_dataloader(
     if emit_sequence_id and cfg.dataset.eos_token_id is None and eos is None:
         raise ConfigError("dataset.eos_token_id", "needed for sequence_id (no tokenizer given)")
     try:
-        dataset = build_text_dataset(cfg.dataset, device_batch_size, eos, emit_sequence_id)
+        dataset = build_text_dataset(
+            cfg.dataset, device_batch_size, eos, emit_sequence_id, vocab_size
+        )
     except ConfigError as err:
         raise err.with_prefix("dataset") from None
     workers = cfg.num_workers

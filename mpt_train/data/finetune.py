@@ -223,7 +223,9 @@ class FinetuneDataset(Dataset):
         seq: list[int] = []
         for doc, (i, lab) in enumerate(parts):
             ids += i
-            labels += lab
+            # An example's first token has no context in its example; packed after another, it
+            # would be that one's last target, across the document mask.
+            labels += [IGNORE_INDEX, *lab[1:]]
             seq += [doc] * len(i)
         return {
             "input_ids": torch.tensor(ids, dtype=torch.long),

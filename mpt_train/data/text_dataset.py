@@ -66,6 +66,7 @@ class StreamingTextDataset(StreamingDataset):
         emit_sequence_id: Also return ``sequence_id`` (needs ``eos_token_id``).
         eos_token_id: The document separator the shards were written with.
         token_column: MDS column holding the token ids.
+        vocab_size: Token ids must be below it (``None``: not checked).
         **kwargs: ``streaming.StreamingDataset`` arguments (``streams``, ``remote``, ``local``,
             ``split``, ``shuffle``, ``batch_size``, ``epoch_size``, ...).
 
@@ -80,6 +81,7 @@ class StreamingTextDataset(StreamingDataset):
         emit_sequence_id: bool = False,
         eos_token_id: int | None = None,
         token_column: str = "tokens",
+        vocab_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         if emit_sequence_id and eos_token_id is None:
@@ -88,6 +90,7 @@ class StreamingTextDataset(StreamingDataset):
         self.emit_sequence_id = emit_sequence_id
         self.eos_token_id = eos_token_id
         self.token_column = token_column
+        self.vocab_size = vocab_size
         self._shard_failure: DataReadError | None = None
         try:
             super().__init__(**kwargs)
@@ -126,7 +129,7 @@ class StreamingTextDataset(StreamingDataset):
             ]
         else:
             triples = [(kwargs.get("remote"), kwargs.get("local"), kwargs.get("split"))]
-        retries = kwargs.get("download_retry", 2)
+        retries = kwargs.get("download_retry", 3) - 1  # streaming's count is of attempts
         for remote, local, split in triples:
             if not remote:
                 continue
@@ -212,7 +215,15 @@ class StreamingTextDataset(StreamingDataset):
                 f"sample {idx} has {tokens.size} tokens, fewer than max_seq_len="
                 f"{self.max_seq_len}; convert with --concat-tokens >= max_seq_len"
             )
-        input_ids = torch.from_numpy(tokens[: self.max_seq_len].astype(np.int64))
+        tokens = tokens[: self.max_seq_len]
+        if self.vocab_size is not None and int(tokens.max()) >= self.vocab_size:
+            shard_id, _ = self.spanner[idx]
+            raise DataReadError(
+                f"sample {idx} of shard {self._shard_location(shard_id)} holds token id "
+                f"{int(tokens.max())}, past the model's vocab_size {self.vocab_size}: a corrupt "
+                "shard, or data tokenized for another vocabulary"
+            )
+        input_ids = torch.from_numpy(tokens.astype(np.int64))
         item = {"input_ids": input_ids}
         if self.emit_sequence_id:
             assert self.eos_token_id is not None

@@ -115,7 +115,9 @@ def _jsonl_batches(
         yield torch.tensor([stream])  # the shorter tail is scored too
 
 
-def _mds_batches(cfg: EvalSetConfig, tokenizer: PreTrainedTokenizerBase) -> Iterable[torch.Tensor]:
+def _mds_batches(
+    cfg: EvalSetConfig, tokenizer: PreTrainedTokenizerBase, vocab_size: int
+) -> Iterable[torch.Tensor]:
     from mpt_train.data import build_text_dataloader
     from mpt_train.data.config import TextDatasetConfig, TextLoaderConfig
 
@@ -132,7 +134,7 @@ def _mds_batches(cfg: EvalSetConfig, tokenizer: PreTrainedTokenizerBase) -> Iter
         num_workers=0,
     )
     try:
-        dl = build_text_dataloader(loader, tokenizer, cfg.batch_size)
+        dl = build_text_dataloader(loader, tokenizer, cfg.batch_size, vocab_size=vocab_size)
     except ConfigError as err:
         raise ConfigError("mds", f"{cfg.mds}: {err}") from None
     return (b["input_ids"] for b in dl)
@@ -145,7 +147,11 @@ def evaluate_perplexity(
     """Token-weighted loss and perplexity of ``model`` over the eval set."""
     check_eval_length(model, cfg.max_seq_len)
     device = next(model.parameters()).device
-    batches = _mds_batches(cfg, tokenizer) if cfg.mds else _jsonl_batches(cfg, tokenizer)
+    batches = (
+        _mds_batches(cfg, tokenizer, model.cfg.vocab_size)
+        if cfg.mds
+        else _jsonl_batches(cfg, tokenizer)
+    )
     total, count = 0.0, 0
     per_document = model.cfg.attn_config.attn_uses_sequence_id
     was_training = model.training

@@ -212,7 +212,7 @@ def test_unreachable_remote_names_url(s3_server, tmp_path: Path, monkeypatch) ->
         build_text_dataloader(cfg, None, 2)
     message = str(info.value)
     assert "s3://mpt-train/gone/train/index.json" in message
-    assert "after 2 retries" in message
+    assert "after 2 retries" in message  # download_retry: 2 re-attempts, 3 attempts
     assert f"127.0.0.1:{port}" in message  # streaming's own cause is kept
 
 
@@ -295,3 +295,29 @@ def test_lone_surrogate_is_a_bad_record(tmp_path: Path) -> None:
         convert_corpus(_opts([path], tmp_path / "out"))
     stats = convert_corpus(_opts([path], tmp_path / "skip", skip_bad_records=True))
     assert (stats.records_read, stats.skipped_records) == (3, 1)
+
+
+def test_token_ids_past_the_vocabulary_name_the_shard(small_corpus, tmp_path: Path) -> None:
+    """Uncompressed shards in a local folder are read in place, unhashed: flipped bytes become
+    token ids past the vocabulary. They stop the run naming the shard, not at the embedding
+    (on a GPU, a device-side assert). Data tokenized for a larger vocabulary stops the same way."""
+    path, _ = small_corpus
+    out = tmp_path / "raw"
+    convert_corpus(_opts([path], out, max_docs=30, compression=None))
+    assert next(iter(build_text_dataloader(_loader(local=str(out)), None, 2, vocab_size=8192)))
+    with pytest.raises(DataReadError, match=r"shard .*shard\.00000\.mds holds token id \d+, past"):
+        next(iter(build_text_dataloader(_loader(local=str(out)), None, 2, vocab_size=100)))
+
+    shard = sorted((out / "train").rglob("shard.00000.mds"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-200:-100] = bytes(b ^ 0xFF for b in data[-200:-100])  # inside the last samples' tokens
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataReadError, match=rf"{shard} holds token id \d+, past the model's vocab"):
+        list(build_text_dataloader(_loader(local=str(out)), None, 2, vocab_size=8192))
+
+
+def test_download_retry_zero_still_downloads(converted: Path, tmp_path: Path) -> None:
+    """``download_retry`` counts re-attempts: 0 is one attempt (streaming's own count is of
+    attempts, and would never try)."""
+    cfg = _loader(remote=str(converted), local=str(tmp_path / "cache"), download_retry=0)
+    assert next(iter(build_text_dataloader(cfg, None, 2)))["input_ids"].shape == (2, 16)

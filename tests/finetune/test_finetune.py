@@ -156,6 +156,25 @@ def test_packing_with_document_masking_equals_separate_examples(tok, tmp_path: P
     assert seen == len(single)
 
 
+def test_packed_rows_train_the_targets_of_separate_examples(tok, tmp_path: Path) -> None:
+    """An example's first token has no context inside its example: in a packed row it must not
+    be the target of the previous example's last token (an empty prompt makes it a label)."""
+    from mpt_train.composer_model import IGNORE_INDEX, shift_labels
+
+    records = [{"prompt": "", "response": "Continue this sentence about json."}, *PAIRS]
+    path = _jsonl(tmp_path / "d.jsonl", [*records, {"prompt": "", "response": "re, as ever."}])
+
+    def targets(packing: bool) -> tuple[int, int]:
+        cfg = FinetuneDatasetConfig(path=str(path), max_seq_len=128, packing=packing)
+        batch = FinetuneCollator(tok.eos_token_id, 128)(FinetuneDataset(cfg, tok).rows)
+        tgt, seq = shift_labels(batch)[:, :-1], batch["sequence_id"]
+        trained = tgt != IGNORE_INDEX
+        return int(trained.sum()), int((trained & (seq[:, :-1] != seq[:, 1:])).sum())
+
+    packed, single = targets(True), targets(False)
+    assert packed == single and packed[1] == 0
+
+
 def test_finetune_run_from_pretrained_weights(
     tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
