@@ -157,38 +157,60 @@ class _Batch:
     empty: int = 0
 
 
-def _batches(opts: ConvertOptions, sources: list[InputSource], first_part: int) -> Iterator[_Batch]:
+@dataclass
+class _Failure:
+    """An input error, passed along in order: the parts before ``part`` are complete."""
+
+    part: int
+    error: Exception
+    texts: list[str] = field(default_factory=list)
+
+
+def _batches(
+    opts: ConvertOptions, sources: list[InputSource], first_part: int
+) -> Iterator[_Batch | _Failure]:
     """Group records into batches that never straddle a part; skip parts already done.
 
     Every part yields at least one batch (possibly without texts) so every part gets a marker.
+    A bad record (unless skipped) or an unreadable input ends the stream with a
+    :class:`_Failure` rather than an exception here: the batches before it, some still being
+    tokenized, are written and their finished parts committed before it is raised.
     """
     batch: _Batch | None = None
-    for index, item in enumerate(
-        iter_documents(sources, opts.text_field, opts.hf_split, opts.hf_config)
-    ):
-        if opts.max_docs is not None and index >= opts.max_docs:
-            break
-        part = index // opts.docs_per_part
-        if part < first_part:
-            continue
-        if batch is not None and (batch.part != part or len(batch.texts) >= opts.batch_docs):
-            yield batch
-            batch = None
-        if batch is None:
-            batch = _Batch(part)
-        batch.records += 1
-        if isinstance(item, BadRecordError):
-            if not opts.skip_bad_records:
-                raise item
-            log.warning("skipping bad record %s", item)
-            batch.skipped += 1
-        elif not item.text:
-            batch.empty += 1
-        else:
-            batch.splits.append(split_of(item.text, opts.val_fraction))
-            batch.texts.append(item.text)
+    failure: _Failure | None = None
+    index = -1
+    try:
+        for index, item in enumerate(
+            iter_documents(sources, opts.text_field, opts.hf_split, opts.hf_config)
+        ):
+            if opts.max_docs is not None and index >= opts.max_docs:
+                break
+            part = index // opts.docs_per_part
+            if part < first_part:
+                continue
+            if batch is not None and (batch.part != part or len(batch.texts) >= opts.batch_docs):
+                yield batch
+                batch = None
+            if batch is None:
+                batch = _Batch(part)
+            batch.records += 1
+            if isinstance(item, BadRecordError):
+                if not opts.skip_bad_records:
+                    failure = _Failure(part, item)
+                    break
+                log.warning("skipping bad record %s", item)
+                batch.skipped += 1
+            elif not item.text:
+                batch.empty += 1
+            else:
+                batch.splits.append(split_of(item.text, opts.val_fraction))
+                batch.texts.append(item.text)
+    except Exception as err:  # reading the input failed before record index + 1
+        failure = _Failure((index + 1) // opts.docs_per_part, err)
     if batch is not None:
         yield batch
+    if failure is not None:
+        yield failure
 
 
 def _check_settings(out: OutputDir, opts: ConvertOptions) -> None:
@@ -221,8 +243,8 @@ def convert_corpus(opts: ConvertOptions) -> ConvertStats:
         BadRecordError: a malformed record, or a JSONL line that is not UTF-8 (message
             ``file:line: reason``), unless ``skip_bad_records``.
         InputReadError: a compressed input is truncated or corrupt (names the file; not
-            skippable). Finished parts keep their markers: re-running once the file is
-            replaced by a complete copy resumes.
+            skippable). On either error the parts finished before it keep their markers:
+            re-running once the input is fixed resumes there.
         OutputNotWritableError: ``opts.out`` cannot be written (checked before tokenizing).
         ConvertError: ``opts.out`` holds something else.
     """
@@ -306,6 +328,10 @@ def _run_parts(
     with bar, ParallelEncoder(opts.tokenizer, workers) as encoder:
         batches = _batches(opts, sources, first_part)
         for batch, arrays in encoder.map((b, b.texts) for b in batches):
+            if isinstance(batch, _Failure):
+                if current is not None and current["part"] < batch.part:
+                    commit()  # every record of it was read before the failure
+                raise batch.error
             if current is None or batch.part != current["part"]:
                 if current is not None:
                     commit()

@@ -17,6 +17,7 @@ from mpt_train.data.convert import (
     split_of,
 )
 from mpt_train.data.convert import convert_corpus as convert
+from mpt_train.data.sources import BadRecordError
 from tests.data.data_helpers import expected_stream, read_split, tree_bytes
 
 # Streaming runs background threads; a hang must fail the test, not the CI job.
@@ -126,6 +127,35 @@ def test_resume_after_interruption(small_corpus, tmp_path: Path, monkeypatch) ->
     assert finished.stat().st_mtime_ns == mtime
     assert stats.parts == 4
     assert tree_bytes(out) == tree_bytes(reference)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_bad_record_keeps_the_parts_finished_before_it(workers: int, tmp_path: Path) -> None:
+    """Parts 0 and 1 are complete when line 61 (part 2's first record) turns out malformed:
+    both keep their markers, though part 1's last batch may still have been tokenizing; once
+    the line is fixed the conversion resumes at part 2 and equals a clean one."""
+    from tests.data.data_helpers import shipped_texts
+
+    lines = [json.dumps({"text": t}) for t in shipped_texts(90)]
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(lines) + "\n")
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join([*lines[:60], '{"text": "unterminated', *lines[61:]]) + "\n")
+    opts = {"docs_per_part": 30, "batch_docs": 8, "workers": workers}
+    out = tmp_path / "out"
+    with pytest.raises(BadRecordError, match=rf"{path}:61: malformed JSON"):
+        convert(_opts([path], out, **opts))
+    assert sorted(p.name for p in (out / "_parts").glob("*.json")) == [
+        "part-00000.json",
+        "part-00001.json",
+    ]
+    path.write_text(good.read_text())
+    stats = convert(_opts([path], out, **opts))
+    convert(_opts([good], tmp_path / "ref", **opts))
+    got, want = tree_bytes(out), tree_bytes(tmp_path / "ref")
+    for tree in (got, want):
+        tree.pop("convert_settings.json")  # names the input file
+    assert stats.parts == 3 and got == want
 
 
 def test_settings_mismatch_is_refused(small_corpus, tmp_path: Path) -> None:
