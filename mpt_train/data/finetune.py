@@ -134,6 +134,7 @@ def tokenize_example(
     Segments are tokenized separately and concatenated, so the prompt/response boundary is
     exact (no token straddles it), as llm-foundry does.
     """
+    segments = list(segments)
     ids: list[int] = []
     labels: list[int] = []
     for text, is_response in segments:
@@ -141,8 +142,11 @@ def tokenize_example(
         ids += toks
         labels += toks if is_response else [IGNORE_INDEX] * len(toks)
     if add_eos and tokenizer.eos_token_id is not None:
+        # EOS is learned where a response ends the example; after a closing user turn (a
+        # conversation cut short) the model must not learn to stop instead of answering.
+        ends_in_response = next((resp for text, resp in reversed(segments) if text.strip()), False)
         ids.append(tokenizer.eos_token_id)
-        labels.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id if ends_in_response else IGNORE_INDEX)
     return ids, labels
 
 

@@ -77,6 +77,15 @@ def test_chatml_loss_only_on_assistant_turns(tok) -> None:
     assert learned == "An immutable sequence.<|im_end|>A mutable one.<|im_end|>"
 
 
+def test_eos_is_learned_after_a_closing_answer_only(tok) -> None:
+    """A conversation that ends with the assistant teaches EOS after it; one cut short after a
+    user turn must not teach the model to stop where an answer is due."""
+    answered = tokenize_example(render_chatml(CHATS[0]["messages"]), tok, add_eos=True)
+    assert answered[0][-1] == answered[1][-1] == tok.eos_token_id
+    cut = tokenize_example(render_chatml(CHATS[0]["messages"][:-1]), tok, add_eos=True)
+    assert cut[0][-1] == tok.eos_token_id and cut[1][-1] == IGNORE_INDEX
+
+
 def test_response_only_loss_gradient_is_zero_on_prompt_positions(tok, tmp_path: Path) -> None:
     """Prompt positions carry no loss: zero gradient, and any change to their logits is inert."""
     ds = FinetuneDataset(
