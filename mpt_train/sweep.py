@@ -43,6 +43,7 @@ import yaml
 
 from mpt_train.config import load_config, to_container
 from mpt_train.config.schema import check_schedule, train_seq_len
+from mpt_train.config.validate import check_batch_split
 from mpt_train.errors import ConfigError
 
 __all__ = [
@@ -114,7 +115,12 @@ _SLURM_KEYS = {"partition", "account", "time", "cpus_per_task", "setup", "extra"
 def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
     """Read and check a sweep file; paths in it are relative to the file."""
     path = Path(path)
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not path.is_file():
+        raise ConfigError("sweep", f"sweep file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError("sweep", f"{path}: not YAML ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError("sweep", f"{path}: expected a mapping")
     unknown = set(raw) - _SWEEP_KEYS
@@ -166,8 +172,14 @@ def _slug(overrides: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "", "-".join(parts))[:48].strip("-.")
 
 
-def resolve(sweep: Sweep) -> list[Point]:
-    """Load every point through the spec loader and write its resolved spec and the manifest."""
+def resolve(sweep: Sweep, world_size: int | None = None) -> list[Point]:
+    """Load every point through the spec loader and write its resolved spec and the manifest.
+
+    Each point is checked as ``train.py`` would check it on ``world_size`` ranks (default
+    ``nodes x gpus``), so a batch that does not split fails here, before anything is queued;
+    schedule warnings are logged with the point they concern.
+    """
+    world = world_size or sweep.nodes * sweep.gpus
     specs = sweep.out_dir / "specs"
     specs.mkdir(parents=True, exist_ok=True)
     points = []
@@ -176,9 +188,12 @@ def resolve(sweep: Sweep) -> list[Point]:
         dotlist = [*sweep.overrides, *(f"{k}={_dotlist_value(v)}" for k, v in over.items())]
         try:
             cfg = load_config(sweep.base, [*dotlist, f"run_name={run_name}"])
-            check_schedule(cfg.scheduler, cfg.max_duration)
+            warning = check_schedule(cfg.scheduler, cfg.max_duration)
+            check_batch_split(cfg, world)
         except ConfigError as e:
             raise ConfigError(e.key, f"sweep point {i} {over}: {e.msg}") from None
+        if warning:
+            log.warning("sweep point %d %s: %s", i, over, warning)
         spec_path = specs / f"{run_name}.yaml"
         spec_path.write_text(yaml.safe_dump(to_container(cfg), sort_keys=False), encoding="utf-8")
         jsonl = cfg.loggers.jsonl
@@ -340,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
             print(out["md"].read_text(encoding="utf-8"))
             print("\n".join(f"wrote {p}" for p in out.values()))
             return 0
-        points = resolve(sweep)
+        # The local launcher runs every point on this machine's `gpus` ranks.
+        points = resolve(sweep, None if args.launcher == "slurm" else sweep.gpus)
         print(f"sweep {sweep.name}: {len(points)} points, specs in {sweep.out_dir / 'specs'}")
         if args.launcher == "slurm":
             write_slurm(sweep, points, args.train_script, dry_run=args.dry_run)

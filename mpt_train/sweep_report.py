@@ -63,7 +63,10 @@ def _last(rows: list[dict[str, Any]], *keys: str) -> float | None:
 def summarize(point: dict[str, Any]) -> PointResult:
     """One point's numbers from its metrics file (see the module docstring for the sources)."""
     over = ", ".join(f"{k}={v}" for k, v in point["overrides"].items())
-    res = PointResult(point["index"], point["run_name"], over, status="missing")
+    rc = point.get("returncode")
+    # A local point that exited says so even when it died before writing any metrics.
+    early = "missing" if rc is None else "ok" if rc == 0 else f"exit {rc}"
+    res = PointResult(point["index"], point["run_name"], over, status=early)
     path = Path(point["metrics"]) if point.get("metrics") else None
     if path is None or not path.is_file():
         return res
@@ -83,7 +86,6 @@ def summarize(point: dict[str, Any]) -> PointResult:
     res.mfu = _last(rows, "cost/mfu", "throughput/device/mfu")
     res.cost_usd = _last(rows, "cost/usd")
     res.gpu_hours = _last(rows, "cost/gpu_hours")
-    rc = point.get("returncode")
     res.status = (
         _status_from_metrics(point, rows) if rc is None else "ok" if rc == 0 else f"exit {rc}"
     )

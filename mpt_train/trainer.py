@@ -281,6 +281,18 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
         raise ConfigError(
             "model.attn_config.impl", "'flash' needs bf16/fp16 activations; use precision amp_bf16"
         )
+    c = cfg.compile
+    if (
+        device == "cpu"
+        and c.enabled
+        and c.backend == "inductor"
+        and cfg.model.attn_config.impl == "flex"
+    ):
+        raise ConfigError(
+            "compile.enabled",
+            "compiled FlexAttention needs CUDA (Inductor cannot compile its backward on CPU); "
+            "on CPU set compile.enabled=false or model.attn_config.impl=sdpa",
+        )
     if cfg.device_train_microbatch_size == "auto" and device != "gpu":
         raise ConfigError("device_train_microbatch_size", "'auto' needs a GPU; give an int on CPU")
     validate_run(cfg, world)

@@ -33,7 +33,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, OSError, ValueError) as err:
         print(f"error: cannot import {args.hf_dir}: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {out} and {out}.model.yaml (use load_path + load_weights_only: true)")
+    print(
+        f"wrote {out} and {out}.model.yaml (use load_path + load_weights_only: true; it holds "
+        "only tensors, so it loads without reliability.trust_checkpoint)"
+    )
     return 0
 
 

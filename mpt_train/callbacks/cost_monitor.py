@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from composer.core import Callback, State
+from composer.core import Callback, State, Time
 from composer.loggers import Logger
 from composer.utils import dist
 
@@ -120,6 +120,7 @@ class CostMonitor(Callback):
         self.world = 1
         self._base = CostTotals()  # totals restored from a checkpoint (zero when fresh)
         self._loaded = False
+        self._planned: Time | None = None  # max_duration as the run began (see _elapsed_fraction)
         self._session_start = 0.0
         self._eval_s = 0.0  # eval time this session, excluded from throughput
         self._eval_started: float | None = None
@@ -226,6 +227,7 @@ class CostMonitor(Callback):
             self.ledger = Path(self.ledger_template.format(run_name=state.run_name))
 
     def fit_start(self, state: State, logger: Logger) -> None:
+        self._planned = state.max_duration
         self._last_batch = int(state.timestamp.batch)
         prev = self._read_ledger()
         if prev is not None and prev.finished and not self._loaded:
@@ -244,7 +246,7 @@ class CostMonitor(Callback):
         self._write_ledger(self.totals(self._last_batch))
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        if _elapsed_fraction(state) >= 1.0:
+        if _elapsed_fraction(state, self._planned) >= 1.0:
             done = self.totals(self._last_batch)
             done.finished = True
             self._write_ledger(done)
@@ -267,7 +269,7 @@ class CostMonitor(Callback):
         if self._window is None:
             self._window = (now - self._eval_total(state), int(state.timestamp.token))
         if self._pace_start is None:
-            self._pace_start = (now, _elapsed_fraction(state))
+            self._pace_start = (now, _elapsed_fraction(state, self._planned))
 
     def batch_end(self, state: State, logger: Logger) -> None:
         self._last_batch = int(state.timestamp.batch)
@@ -275,7 +277,7 @@ class CostMonitor(Callback):
         if callable(flops_fn) and state.batch is not None:
             self._flops += float(flops_fn(state.batch)) * self.world
         self._write_ledger(self.totals(self._last_batch))
-        frac = _elapsed_fraction(state)
+        frac = _elapsed_fraction(state, self._planned)
         if self._last_batch % self.log_interval == 0 or frac >= 1.0:
             metrics = self._metrics(state, frac)
             self.last_metrics = metrics
@@ -321,7 +323,14 @@ class CostMonitor(Callback):
         return m
 
 
-def _elapsed_fraction(state: State) -> float:
-    """Fraction of ``max_duration`` done (Composer's own measure, any time unit)."""
-    elapsed = state.get_elapsed_duration()
-    return float(elapsed.value) if elapsed is not None else 0.0
+def _elapsed_fraction(state: State, planned: Time | None) -> float:
+    """Fraction of the planned ``max_duration`` done, in its unit.
+
+    Not Composer's ``get_elapsed_duration``: a run stopped early (``state.stop_training()``,
+    as the loss guard does) has its ``max_duration`` cut to where it stopped, and would read
+    as finished.
+    """
+    planned = planned or state.max_duration
+    if planned is None or planned.value <= 0:
+        return 0.0
+    return float(state.timestamp.get(planned.unit).value) / float(planned.value)

@@ -42,8 +42,11 @@ __all__ = [
 TIME_UNITS = ("ba", "tok", "ep", "sp", "dur")
 
 
-def check_time(key: str, value: str, units: tuple[str, ...] = TIME_UNITS) -> None:
-    """Check a Composer time string such as ``'1000ba'``, ``'2ep'`` or ``'1e9tok'``."""
+def check_time(
+    key: str, value: str, units: tuple[str, ...] = TIME_UNITS, positive: bool = False
+) -> None:
+    """Check a Composer time string such as ``'1000ba'``, ``'2ep'`` or ``'1e9tok'``: never
+    negative, and above zero when ``positive``."""
     from composer.core import Time
 
     try:
@@ -54,6 +57,8 @@ def check_time(key: str, value: str, units: tuple[str, ...] = TIME_UNITS) -> Non
         ) from None
     if t.unit.value not in units:
         raise ConfigError(key, f"got {value!r}, its unit must be one of {', '.join(units)}")
+    if t.value < 0 or (positive and t.value == 0):
+        raise ConfigError(key, f"got {value!r}, expected {'> 0' if positive else '>= 0'}")
 
 
 @dataclass
@@ -340,7 +345,7 @@ class RunConfig:
     progress_bar: bool = False
 
     def __post_init__(self) -> None:
-        check_time("max_duration", self.max_duration, ("ba", "tok", "ep", "sp"))
+        check_time("max_duration", self.max_duration, ("ba", "tok", "ep", "sp"), positive=True)
         if self.train_loader is None and self.finetune_loader is None:
             raise ConfigError("train_loader", "required, but not set (or set finetune_loader)")
         if self.train_loader is not None and self.finetune_loader is not None:

@@ -54,6 +54,7 @@ class ConsoleLine(LoggerDestination):
         self.stream = stream or sys.stdout
         self._latest: dict[str, float] = {}
         self._eval: dict[str, float] = {}
+        self._planned: Time | None = None
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         for k, v in metrics.items():
@@ -66,16 +67,20 @@ class ConsoleLine(LoggerDestination):
         if dist.get_global_rank() == 0:
             print(line, file=self.stream, flush=True)
 
+    def fit_start(self, state: State, logger: Logger) -> None:
+        # As planned: a run stopped early (the loss guard) has max_duration cut to its stop.
+        self._planned = state.max_duration
+
     def batch_end(self, state: State, logger: Logger) -> None:
         step = int(state.timestamp.batch)
         every = self.interval.value
         due = self.interval.unit == TimeUnit.BATCH and step % every == 0
-        max_dur = state.max_duration
+        max_dur = self._planned or state.max_duration
         total = (
             int(max_dur.value) if max_dur is not None and max_dur.unit == TimeUnit.BATCH else None
         )
-        elapsed = state.get_elapsed_duration()
-        last = elapsed is not None and float(elapsed.value) >= 1.0  # in any max_duration unit
+        # The last line is printed at the end however training ends (in any time unit).
+        last = state.max_duration is not None and state.timestamp >= state.max_duration
         if due or last:
             self._print(format_line(step, total, self._latest))
 

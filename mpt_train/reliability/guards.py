@@ -63,6 +63,7 @@ class LossGuard(Callback):
         self._micro: list[torch.Tensor] = []
         self._stop_message: str | None = None
         self._stop_now = False
+        self._resumed = False
 
     def batch_start(self, state: State, logger: Logger) -> None:
         self._micro = []
@@ -147,12 +148,18 @@ class LossGuard(Callback):
             # Ends the run after this batch; Composer's saver checkpoints at the end of training.
             state.stop_training()
 
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self._resumed = int(state.timestamp.batch) > 0
+
     def fit_end(self, state: State, logger: Logger) -> None:
         if self._stop_message is None:
             return
         if self.out_dir is not None and dist.get_global_rank() == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "loss_guard.json").write_text(json.dumps(self.events, indent=1))
+            path = self.out_dir / "loss_guard.json"
+            # A resumed run adds to what earlier attempts found (the stop that made it resume).
+            earlier = _read_events(path) if self._resumed else []
+            path.write_text(json.dumps(earlier + self.events, indent=1))
         raise LossGuardStop(self._stop_message)
 
     def state_dict(self) -> dict[str, Any]:
@@ -161,3 +168,11 @@ class LossGuard(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history.extend(state.get("history", []))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
+
+
+def _read_events(path: Path) -> list[dict[str, Any]]:
+    try:
+        events = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return events if isinstance(events, list) else []

@@ -58,12 +58,28 @@ def check_load_path_trusted(
             load_path,
         )
         return
+    if _plain_weights(load_path):
+        log.info("loading %s: it holds only tensors and plain data, nothing that runs", load_path)
+        return
     raise ConfigError(
         "load_path",
         f"{load_path} is not in this run's save_folder; Composer checkpoints are pickles that "
         "can run code when loaded. If you wrote it, set reliability.trust_checkpoint=true; to "
         "use only its weights, load them with mpt_train.reliability.load_weights_safely",
     )
+
+
+def _plain_weights(path: str) -> bool:
+    """Whether a local checkpoint unpickles with torch's weights-only loader (tensors, dicts,
+    numbers: what ``scripts/convert_from_hf.py`` writes). Such a pickle calls nothing else, so
+    Composer may load it in full. The tensors are memory-mapped, not read."""
+    if "://" in path or not Path(path).is_file():
+        return False
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not weights-only (Composer's own checkpoints), or not a torch file
+        return False
+    return True
 
 
 def load_weights_safely(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -66,8 +66,9 @@ class FakeState:
         self.timestamp = Timestamp(batch=batch, token=batch * self.tokens_per_batch)
         return self
 
-    def get_elapsed_duration(self) -> Time[float]:
-        return Time(int(self.timestamp.batch) / self.max_batches, "dur")
+    @property
+    def max_duration(self) -> Time[int]:
+        return Time(self.max_batches, "ba")
 
 
 def start(mon: CostMonitor, state: FakeState, logger: FakeLogger, ckpt: dict | None = None) -> None:

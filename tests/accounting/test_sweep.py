@@ -61,6 +61,43 @@ def test_points_resolve_to_loadable_specs_with_unique_names(tmp_path: Path) -> N
     assert (tmp_path / "out" / "sweep.json").is_file()
 
 
+# Batches that split across 16 ranks (2 nodes x 8 GPUs).
+WIDE = {"optimizer.lr": [1.0e-3, 3.0e-3], "global_train_batch_size": [16, 32]}
+
+
+def test_points_are_checked_on_the_ranks_they_will_run_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch that does not split across nodes x gpus fails before any script is queued (as
+    train.py would refuse it once the job starts); a schedule warning names its point."""
+    from mpt_train.sweep import main
+
+    grid = {"global_train_batch_size": [32, 250]}
+    path = write_sweep(tmp_path, "/data/x", nodes=2, gpus=8, grid=grid)
+    with pytest.raises(ConfigError, match=r"sweep point 1 \{'global_train_batch_size': 250\}"):
+        resolve(load_sweep(path, tmp_path / "out"))
+    assert (
+        main([str(path), "--launcher", "slurm", "--dry-run", "--out-dir", str(tmp_path / "out")])
+        == 2
+    )
+    assert not (tmp_path / "out" / "sweep.json").exists()
+    # Locally the points run on `gpus` ranks: 8 splits 32 but not 250 either.
+    assert main([str(path), "--dry-run", "--out-dir", str(tmp_path / "local")]) == 2
+
+    caplog.clear()
+    warm = write_sweep(tmp_path, "/data/x", grid={"scheduler.t_warmup": ["1ba", "2ba"]})
+    resolve(load_sweep(warm, tmp_path / "warm"))
+    assert "sweep point 1 {'scheduler.t_warmup': '2ba'}: scheduler.t_warmup" in caplog.text
+    assert "sweep point 0" not in caplog.text
+
+
+def test_a_missing_sweep_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from mpt_train.sweep import main
+
+    assert main([str(tmp_path / "nothere.yaml"), "--dry-run"]) == 2
+    assert f"sweep file not found: {tmp_path / 'nothere.yaml'}" in capsys.readouterr().err
+
+
 def test_a_bad_point_fails_before_anything_is_written(tmp_path: Path) -> None:
     path = write_sweep(tmp_path, "/data/x", points=[{"optimizer.lr": -1.0}])
     with pytest.raises(ConfigError, match=r"optimizer\.lr: sweep point 4"):
@@ -83,7 +120,7 @@ def test_a_multi_node_sweep_file_also_runs_with_the_local_launcher(
     """The same file serves Slurm (2 nodes) and a local trial run: nodes is noted, not fatal."""
     from mpt_train.sweep import main
 
-    path = write_sweep(tmp_path, "/data/x", nodes=2, gpus=8)
+    path = write_sweep(tmp_path, "/data/x", nodes=2, gpus=8, grid=WIDE)
     assert main([str(path), "--dry-run", "--out-dir", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert out.count("composer -n 8 train.py") == 4
@@ -93,7 +130,7 @@ def test_a_multi_node_sweep_file_also_runs_with_the_local_launcher(
 def test_slurm_scripts_for_2_nodes_x_8_gpus_give_world_size_ranks_and_master(
     tmp_path: Path,
 ) -> None:
-    path = write_sweep(tmp_path, "/data/x", nodes=2, gpus=8, master_port=29511)
+    path = write_sweep(tmp_path, "/data/x", nodes=2, gpus=8, master_port=29511, grid=WIDE)
     sweep = load_sweep(path, tmp_path / "out")
     points = resolve(sweep)
     scripts = write_slurm(sweep, points, "train.py", dry_run=True, workdir=tmp_path)
@@ -139,7 +176,9 @@ def test_slurm_scripts_are_submitted_with_sbatch_when_present(
     submitted = tmp_path / "submitted.txt"
     _stub(bin_dir, "sbatch", f'echo "$1" >> {submitted}\n')
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    sweep = load_sweep(write_sweep(tmp_path, "/data/x", nodes=2, gpus=8), tmp_path / "out")
+    sweep = load_sweep(
+        write_sweep(tmp_path, "/data/x", nodes=2, gpus=8, grid=WIDE), tmp_path / "out"
+    )
     scripts = write_slurm(sweep, resolve(sweep), dry_run=False, workdir=tmp_path)
     assert submitted.read_text().split() == [str(s) for s in scripts]
 
@@ -220,3 +259,14 @@ def test_slurm_points_get_their_status_from_what_the_run_left(
     # Without its spec there is no max_duration to compare with: say so rather than guess.
     Path(points[0].spec).unlink()
     assert collect(sweep.out_dir)[0][0].status == "unknown"
+
+
+def test_a_local_point_that_died_before_any_metrics_reads_exit_n(tmp_path: Path) -> None:
+    """A point that crashed at startup left no metrics: its exit status is what it reports
+    (not ``missing``, which reads as not run yet)."""
+    from mpt_train.sweep_report import summarize
+
+    point = {"index": 2, "run_name": "p2", "overrides": {"lr": 1}, "spec": str(tmp_path / "s")}
+    gone = str(tmp_path / "never-written.jsonl")
+    assert summarize({**point, "metrics": gone, "returncode": 1}).status == "exit 1"
+    assert summarize({**point, "metrics": gone, "returncode": None}).status == "missing"

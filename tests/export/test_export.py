@@ -131,18 +131,14 @@ def test_unrepresentable_config_is_refused_and_nothing_written(tmp_path: Path) -
 def test_convert_from_hf_starts_a_finetune(
     tiny_ckpt: Path, mds32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """HF folder -> weights file -> load_path + load_weights_only restores exactly those weights."""
+    """HF folder -> weights file -> load_path + load_weights_only restores exactly those weights.
+    The file holds only tensors (it unpickles with torch's weights-only loader), so it needs
+    no ``trust_checkpoint``, unlike a Composer checkpoint from elsewhere."""
     hf_dir = export_hf(tiny_ckpt, tmp_path / "hf")
     weights = import_hf(hf_dir, tmp_path / "start.pt")
     assert Path(str(weights) + ".model.yaml").is_file()
     monkeypatch.chdir(tmp_path)
-    spec = tiny_spec(
-        mds32,
-        run_name="ft",
-        load_path=str(weights),
-        load_weights_only=True,
-        reliability={"trust_checkpoint": True},
-    )
+    spec = tiny_spec(mds32, run_name="ft", load_path=str(weights), load_weights_only=True)
     from mpt_train.trainer import build_trainer
 
     trainer = build_trainer(load_config_dict(spec))
@@ -155,6 +151,13 @@ def test_convert_from_hf_starts_a_finetune(
         assert int(trainer.state.timestamp.batch) == 0  # weights only: a fresh run
     finally:
         trainer.close()
+    # A Composer checkpoint (pickled objects beyond tensors) from elsewhere still needs trust.
+    from mpt_train.config import ConfigError
+
+    composer_ckpt = tiny_ckpt if tiny_ckpt.is_file() else sorted(tiny_ckpt.rglob("*.pt"))[0]
+    spec["load_path"] = str(composer_ckpt)
+    with pytest.raises(ConfigError, match="trust_checkpoint"):
+        build_trainer(load_config_dict(spec))
 
 
 @pytest.mark.slow

@@ -80,11 +80,17 @@ def test_nan_loss_is_skipped_and_named(
     ), "training goes on with finite losses after the skipped step"
 
 
-def test_nan_loss_stops_with_checkpoint_and_diagnostics(mds_dir: Path, in_tmp: Path) -> None:
+def test_nan_loss_stops_with_checkpoint_and_diagnostics(
+    mds_dir: Path, in_tmp: Path, capsys: pytest.CaptureFixture
+) -> None:
     spec = tiny_spec(mds_dir, max_duration="6ba", save_folder="ckpt", save_interval="10ba")
     watch = WatchStep(3)
     with pytest.raises(LossGuardStop, match="step 3: loss is nan"):
         fit(spec, ScaleOutputs(3, float("inf")), watch)
+    # Stopped, not finished: the console counts to the planned 6 batches, and the cost ledger
+    # stays open (a finished ledger would make the resumed run a new one, its loss uncharged).
+    assert "[batch 3/6]" in capsys.readouterr().out
+    assert json.loads((in_tmp / "runs/tiny/cost_ledger.json").read_text())["finished"] is False
     assert (in_tmp / "ckpt/ep0-ba3-rank0.pt").is_file()
     assert (in_tmp / "ckpt/ep0-ba3-rank0.pt.manifest.json").is_file()
     events = json.loads((in_tmp / "runs/tiny/loss_guard.json").read_text())
@@ -95,10 +101,17 @@ def test_nan_loss_stops_with_checkpoint_and_diagnostics(mds_dir: Path, in_tmp: P
     before = {f"model.{k}" if not k.startswith("model.") else k: v for k, v in watch.before.items()}
     assert all(torch.equal(saved[k], before[k]) for k in before), "checkpoint predates the bad step"
 
+    # Resumed, it meets another bad batch: the diagnostics keep the first stop's too.
+    with pytest.raises(LossGuardStop, match="step 5: loss is nan"):
+        fit(spec, ScaleOutputs(5, float("inf")))
+    events = json.loads((in_tmp / "runs/tiny/loss_guard.json").read_text())
+    assert [e["step"] for e in events] == [3, 5]
+
     # The same command, once the cause is fixed, resumes after the bad batch.
     spec["loggers"]["jsonl"] = {"path": "second.jsonl"}
     train(load_config_dict(spec))
-    assert sorted(r["step"] for r in read_metrics(in_tmp / "second.jsonl")) == [4, 5, 6]
+    assert sorted(r["step"] for r in read_metrics(in_tmp / "second.jsonl")) == [6]
+    assert json.loads((in_tmp / "runs/tiny/cost_ledger.json").read_text())["finished"] is True
 
 
 def test_loss_spike_is_skipped(

@@ -189,6 +189,20 @@ def test_vocab_smaller_than_tokenizer_fails_before_training(
     assert not (tmp_path / "runs/tiny/metrics.jsonl").exists()
 
 
+def test_compiled_flex_on_cpu_is_refused_before_the_model_is_built(
+    mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipped pretraining specs compile FlexAttention blocks, which Inductor cannot do on
+    a CPU (its backward fails after a 200-line trace): one line says what to change."""
+    monkeypatch.chdir(tmp_path)
+    spec = tiny_spec(mds_dir, compile={"enabled": True})
+    spec["model"]["attn_config"]["impl"] = "flex"
+    with pytest.raises(ConfigError, match="compiled FlexAttention needs CUDA") as e:
+        train(load_config_dict(spec))
+    assert e.value.key == "compile.enabled"
+    assert not (tmp_path / "runs/tiny/metrics.jsonl").exists()
+
+
 def test_a_new_run_under_an_old_name_starts_a_new_metrics_file_with_eval_first(
     mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
