@@ -320,7 +320,10 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
     reproducibility.seed_all(cfg.seed)
     tokenizer = None
     if _needs_tokenizer(cfg):
-        tokenizer = load_tokenizer(cfg.tokenizer.name, **cfg.tokenizer.kwargs)
+        try:
+            tokenizer = load_tokenizer(cfg.tokenizer.name, **cfg.tokenizer.kwargs)
+        except ConfigError as err:
+            raise err.with_prefix("tokenizer") from None
     if tokenizer is not None and len(tokenizer) > cfg.model.vocab_size:
         raise ConfigError(
             "model.vocab_size",

@@ -68,13 +68,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device {args.device} but no CUDA device is visible", file=sys.stderr)
+        return 2
     try:
         model, tok_name = load_model(args.model, spec_path=args.spec, impl=args.attn_impl)
+        tokenizer = load_tokenizer(args.tokenizer or tok_name or "")
     except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     model = model.to(args.device)
-    tokenizer = load_tokenizer(args.tokenizer or tok_name or "")
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
 
     def run(ids: torch.Tensor, n: int) -> torch.Tensor:

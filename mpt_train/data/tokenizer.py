@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from mpt_train.errors import ConfigError
+
 __all__ = [
     "SHIPPED_CORPUS",
     "SHIPPED_TOKENIZER",
@@ -51,10 +53,20 @@ def load_tokenizer(name_or_path: str, **kwargs: Any) -> PreTrainedTokenizerBase:
     ``kwargs`` (the spec's ``tokenizer.kwargs``) go to ``from_pretrained``.
 
     Raises:
+        ConfigError: on ``name`` when it cannot be loaded (offline without a cached copy, a
+            wrong name or path), in one line instead of Hugging Face's traceback.
         ValueError: if the tokenizer has no EOS token (documents could not be separated).
     """
     path = SHIPPED_TOKENIZER if name_or_path == SHIPPED_TOKENIZER_NAME else name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            "name",
+            f"cannot load tokenizer {name_or_path!r}: {reason} (a Hugging Face hub name needs "
+            "the network or a cached copy under HF_HOME; or give a local folder)",
+        ) from err
     if tokenizer.eos_token_id is None:
         raise ValueError(
             f"tokenizer {name_or_path!r} has no EOS token; documents cannot be separated"

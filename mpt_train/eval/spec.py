@@ -114,9 +114,14 @@ def run_eval(spec: EvalSpec) -> dict[str, Any]:
     from mpt_train.data import load_tokenizer
     from mpt_train.export import load_model
 
+    if str(spec.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", f"{spec.device!r} but no CUDA device is visible; use cpu")
     model, tok_name = load_model(spec.model, spec_path=spec.spec, impl=spec.attn_impl)
     model = model.to(spec.device)
-    tokenizer = load_tokenizer(spec.tokenizer or tok_name or "")
+    try:
+        tokenizer = load_tokenizer(spec.tokenizer or tok_name or "")
+    except ConfigError as err:
+        raise ConfigError("tokenizer", err.msg) from None
     results: dict[str, Any] = {}
     with _precision(spec):
         _evaluate(spec, model, tokenizer, results)

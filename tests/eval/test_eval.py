@@ -355,6 +355,20 @@ def test_icl_runs_once_at_a_run_end_on_an_epoch_boundary(
     assert icl.eval_seconds > 0
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's answer")
+def test_cuda_on_a_machine_without_one_is_one_line(tiny_ckpt: Path, tmp_path: Path) -> None:
+    spec = {"model": str(tiny_ckpt), "device": "cuda", "icl_tasks": [{**LM.__dict__}]}
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(spec))
+    for cmd in (
+        [sys.executable, str(REPO / "scripts/eval.py"), str(tmp_path / "e.yaml")],
+        [sys.executable, str(REPO / "scripts/generate.py"), str(tiny_ckpt), "--prompt", "hi",
+         "--device", "cuda"],
+    ):  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "no CUDA device is visible" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_eval_runs_in_the_requested_precision(
     tiny_ckpt: Path, mds32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -189,6 +189,18 @@ def test_vocab_smaller_than_tokenizer_fails_before_training(
     assert not (tmp_path / "runs/tiny/metrics.jsonl").exists()
 
 
+def test_a_tokenizer_that_cannot_load_is_one_line_naming_the_key(
+    mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hugging Face answers a missing tokenizer with a 50-line traceback; an offline node
+    with the default hub name meets it first thing."""
+    monkeypatch.chdir(tmp_path)
+    spec = tiny_spec(mds_dir, tokenizer={"name": str(tmp_path / "no-such-tokenizer")})
+    with pytest.raises(ConfigError, match=r"cannot load tokenizer .*no-such-tokenizer") as e:
+        train(load_config_dict(spec))
+    assert e.value.key == "tokenizer.name"
+
+
 def test_compiled_flex_on_cpu_is_refused_before_the_model_is_built(
     mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
