@@ -78,6 +78,11 @@ def validate_run(cfg: RunConfig, world_size: int, *, probe_storage: bool = True)
         _check_loader("eval_loader", cfg.eval_loader, cfg, training=False)
     for label, loader in loaders.items():
         _check_loader(f"eval_loaders.{label}", loader, cfg, training=False)
+    for i, task in enumerate(cfg.icl_tasks):
+        try:
+            task.resolved_path()
+        except ConfigError as err:
+            raise err.with_prefix(f"icl_tasks.{i}") from None
     if cfg.load_path and "://" not in cfg.load_path and not Path(cfg.load_path).exists():
         raise ConfigError("load_path", f"checkpoint not found: {cfg.load_path}")
     if cfg.save_folder and probe_storage and dist.get_global_rank() == 0:

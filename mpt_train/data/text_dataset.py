@@ -10,7 +10,11 @@ and the local shard cache. What this class adds:
 * ``sequence_id`` for packed documents when asked, derived from EOS positions as llm-foundry's
   ``ConcatenatedSequenceCollatorWrapper`` does (the EOS belongs to the document it ends);
 * shard hashes checked by default where the index records them (see
-  :meth:`StreamingTextDataset._skip_unrecorded_hashes`);
+  :meth:`StreamingTextDataset._skip_unrecorded_hashes`), as streaming downloads or
+  decompresses a shard: what is then read in place (uncompressed shards in a local-only
+  folder, the decompressed copy kept beside a local ``.zstd`` shard) is not hashed again;
+* token ids checked against the model's vocabulary (``vocab_size``), so that a corrupt shard
+  is named instead of reaching the embedding;
 * errors that say which file is at fault: streaming reports a failed shard download or a
   corrupt zstd frame from a background thread as "Background thread failed. Check other
   traceback.", and an unreachable index as a bare botocore error; here both name the shard or

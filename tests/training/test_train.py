@@ -259,3 +259,14 @@ def test_dry_run_checks_the_batch_split_for_a_world_size(
     assert "global_train_batch_size: 8" in capsys.readouterr().out
     assert main([str(path), "--dry-run", "--world-size", "3"]) == 2
     assert "global_train_batch_size: 8 does not split across 3 ranks" in capsys.readouterr().err
+
+
+def test_a_missing_icl_task_file_is_named_by_its_place_before_the_model(
+    mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    tasks = [{"label": "ok", "path": "icl/stdlib_mc.jsonl"}, {"label": "x", "path": "nope.jsonl"}]
+    with pytest.raises(ConfigError, match=r"ICL task file not found: nope\.jsonl") as e:
+        train(load_config_dict(tiny_spec(mds_dir, icl_tasks=tasks)))
+    assert e.value.key == "icl_tasks.1.path"
+    assert not (tmp_path / "runs/tiny/metrics.jsonl").exists()
