@@ -16,6 +16,7 @@ Unknown keys are rejected with the dotted key, like run specs.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import time
 from dataclasses import dataclass, field, fields
@@ -76,7 +77,11 @@ def _make(cls: type, values: dict[str, Any], key: str) -> Any:
     names = {f.name for f in fields(cls)}
     for k in values:
         if k not in names:
-            raise ConfigError(f"{key}.{k}", f"unknown key (valid keys here: {sorted(names)})")
+            near = difflib.get_close_matches(k, sorted(names), n=1, cutoff=0.6)
+            hint = f"did you mean {key}.{near[0]}? " if near else ""
+            raise ConfigError(
+                f"{key}.{k}", f"unknown key ({hint}valid keys here: {', '.join(sorted(names))})"
+            )
     try:
         return cls(**values)
     except ConfigError as err:

@@ -400,3 +400,14 @@ def test_eval_runs_in_the_requested_precision(
     (tmp_path / "e.yaml").write_text(yaml.safe_dump({**spec, "precision": "bf16"}))
     with pytest.raises(ConfigError, match="precision"):
         load_eval_spec(tmp_path / "e.yaml")
+
+
+def test_eval_spec_unknown_key_suggests_the_near_one(tmp_path: Path) -> None:
+    from mpt_train.errors import ConfigError
+    from mpt_train.eval.spec import load_eval_spec
+
+    spec = {"model": "m", "eval_sets": {"val": {"jsonl": "v.jsonl", "batchsize": 3}}}
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=r"did you mean eval_sets\.val\.batch_size\?") as e:
+        load_eval_spec(tmp_path / "e.yaml")
+    assert e.value.key == "eval_sets.val.batchsize"
