@@ -6,6 +6,7 @@ to fix, not after minutes of model init on a cluster.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import uuid
@@ -113,9 +114,11 @@ def _check_loader(key: str, loader: TextLoaderConfig, cfg: RunConfig, training: 
                 stream.remote,
                 stream.local,
                 stream.split if stream.split is not None else ds.split,
+                (f"{key}.dataset.max_seq_len", ds.max_seq_len),
             )
     else:
-        _check_source(f"{key}.dataset", ds.remote, ds.local, ds.split)
+        length = (f"{key}.dataset.max_seq_len", ds.max_seq_len)
+        _check_source(f"{key}.dataset", ds.remote, ds.local, ds.split, length)
 
 
 def _check_finetune(cfg: RunConfig) -> None:
@@ -135,7 +138,10 @@ def _check_finetune(cfg: RunConfig) -> None:
         raise ConfigError("finetune_loader.dataset.path", f"JSONL file not found: {ds.path}")
 
 
-def _check_source(key: str, remote: str | None, local: str | None, split: str | None) -> None:
+def _check_source(
+    key: str, remote: str | None, local: str | None, split: str | None, length: tuple[str, int]
+) -> None:
+    """``length``: the key and value of the tokens per sample the loader will ask for."""
     if remote:
         if "://" in remote and not remote.startswith(_REMOTE_SCHEMES):
             raise ConfigError(
@@ -143,19 +149,39 @@ def _check_source(key: str, remote: str | None, local: str | None, split: str | 
                 f"{remote!r}: unsupported scheme, expected one of {_REMOTE_SCHEMES}",
             )
         if "://" not in remote:
-            _check_local_index(f"{key}.remote", remote, split)
+            _check_local_index(f"{key}.remote", remote, split, length)
         return
     if not local:
         raise ConfigError(key, "set 'local' (an MDS folder) or 'remote' (a URL) for the data")
-    _check_local_index(f"{key}.local", local, split)
+    _check_local_index(f"{key}.local", local, split, length)
 
 
-def _check_local_index(key: str, folder: str, split: str | None) -> None:
+def _check_local_index(key: str, folder: str, split: str | None, length: tuple[str, int]) -> None:
     root = Path(folder) / split if split else Path(folder)
     if not (root / "index.json").is_file():
         raise ConfigError(
             key, f"no MDS dataset at {root} (index.json missing); run scripts/data_prep/convert.py"
         )
+    len_key, seq_len = length
+    stored = _sample_tokens(root / "index.json")
+    if stored is not None and stored < seq_len:
+        raise ConfigError(
+            len_key,
+            f"{seq_len} is longer than the {stored}-token samples of {root}: convert with "
+            f"--concat-tokens >= {seq_len}, or train at max_seq_len <= {stored}",
+        )
+
+
+def _sample_tokens(index: Path) -> int | None:
+    """Tokens per sample of an mpt-convert dataset (its ``tokens`` column is a fixed-length
+    ndarray, ``ndarray:uint16:2048``); None when the index does not say."""
+    try:
+        shard = json.loads(index.read_text(encoding="utf-8"))["shards"][0]
+        encoding = shard["column_encodings"][shard["column_names"].index("tokens")]
+        kind, _, length = encoding.split(":")
+        return int(length) if kind == "ndarray" else None
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
 
 
 def check_save_folder(save_folder: str) -> None:

@@ -270,3 +270,18 @@ def test_a_missing_icl_task_file_is_named_by_its_place_before_the_model(
         train(load_config_dict(tiny_spec(mds_dir, icl_tasks=tasks)))
     assert e.value.key == "icl_tasks.1.path"
     assert not (tmp_path / "runs/tiny/metrics.jsonl").exists()
+
+
+def test_samples_shorter_than_max_seq_len_are_refused_before_the_model(
+    mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data was converted at 32 tokens per sample: training at 64 cannot read it, which
+    the index says before any model is built (the loader would only fail at its first read)."""
+    monkeypatch.chdir(tmp_path)
+    spec = tiny_spec(mds_dir)
+    spec["model"]["max_seq_len"] = 2 * SEQ
+    spec["train_loader"]["dataset"]["max_seq_len"] = 2 * SEQ
+    with pytest.raises(ConfigError, match=r"64 is longer than the 32-token samples") as e:
+        train(load_config_dict(spec))
+    assert e.value.key == "train_loader.dataset.max_seq_len"
+    assert not (tmp_path / "runs/tiny/metrics.jsonl").exists()
