@@ -333,6 +333,17 @@ def write_slurm(
     return scripts
 
 
+def _train_script(given: str) -> str:
+    """The entry point as given when it is there (the scripts ``cd`` to this directory), else
+    the checkout's own ``train.py`` by absolute path (a sweep started from elsewhere)."""
+    if Path(given).is_file():
+        return given
+    own = Path(__file__).resolve().parents[1] / "train.py"
+    if given == "train.py" and own.is_file():
+        return str(own)
+    raise ConfigError("--train-script", f"{given} not found (from {Path.cwd()})")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``scripts/sweep.py SWEEP.yaml [--launcher local|slurm] [--dry-run] [--collect]``."""
     import argparse
@@ -355,13 +366,14 @@ def main(argv: list[str] | None = None) -> int:
             print(out["md"].read_text(encoding="utf-8"))
             print("\n".join(f"wrote {p}" for p in out.values()))
             return 0
+        train_script = _train_script(args.train_script)
         # The local launcher runs every point on this machine's `gpus` ranks.
         points = resolve(sweep, None if args.launcher == "slurm" else sweep.gpus)
         print(f"sweep {sweep.name}: {len(points)} points, specs in {sweep.out_dir / 'specs'}")
         if args.launcher == "slurm":
-            write_slurm(sweep, points, args.train_script, dry_run=args.dry_run)
+            write_slurm(sweep, points, train_script, dry_run=args.dry_run)
             return 0
-        return launch_local(sweep, points, args.train_script, dry_run=args.dry_run)
+        return launch_local(sweep, points, train_script, dry_run=args.dry_run)
     except ConfigError as e:
         print(f"error in sweep {args.sweep}: {e}", file=sys.stderr)
         return 2

@@ -270,3 +270,18 @@ def test_a_local_point_that_died_before_any_metrics_reads_exit_n(tmp_path: Path)
     gone = str(tmp_path / "never-written.jsonl")
     assert summarize({**point, "metrics": gone, "returncode": 1}).status == "exit 1"
     assert summarize({**point, "metrics": gone, "returncode": None}).status == "missing"
+
+
+def test_a_sweep_started_outside_the_checkout_runs_its_train_py(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The generated commands run from where sweep.py was started: from another directory
+    they name the checkout's train.py by its absolute path instead of a missing ./train.py."""
+    from mpt_train.sweep import main
+
+    path = write_sweep(tmp_path, "/data/x")
+    monkeypatch.chdir(tmp_path)
+    assert main([str(path), "--dry-run", "--out-dir", str(tmp_path / "out")]) == 0
+    assert f"composer -n 1 {REPO / 'train.py'} " in capsys.readouterr().out
+    assert main([str(path), "--dry-run", "--train-script", "mine.py"]) == 2
+    assert "--train-script: mine.py not found" in capsys.readouterr().err
