@@ -62,10 +62,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if args.world_size < 1:
                 raise ConfigError("--world-size", f"got {args.world_size}, expected >= 1")
-            check_batch_split(cfg, args.world_size)
+            per_rank = check_batch_split(cfg, args.world_size)
             note = check_schedule(cfg.scheduler, cfg.max_duration)
             if note:
                 print(f"warning: {note}", file=sys.stderr)
+            mb = cfg.device_train_microbatch_size
+            split = f"{per_rank} per rank"
+            if isinstance(mb, int):
+                split += f", microbatch {mb} ({per_rank // mb} step(s) of gradient accumulation)"
+            # A YAML comment: the output stays a spec that loads as it is.
+            print(
+                f"# global_train_batch_size {cfg.global_train_batch_size} over "
+                f"{args.world_size} rank(s): {split}"
+            )
             print(yaml.safe_dump(redact(to_container(cfg)), sort_keys=False))
             return 0
         from mpt_train.trainer import train

@@ -256,7 +256,9 @@ def test_dry_run_checks_the_batch_split_for_a_world_size(
 
     path = write_spec(tmp_path / "spec.yaml", tiny_spec(mds_dir, global_train_batch_size=8))
     assert main([str(path), "--dry-run", "--world-size", "4"]) == 0
-    assert "global_train_batch_size: 8" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "global_train_batch_size: 8" in out
+    assert "# global_train_batch_size 8 over 4 rank(s): 2 per rank" in out
     assert main([str(path), "--dry-run", "--world-size", "3"]) == 2
     assert "global_train_batch_size: 8 does not split across 3 ranks" in capsys.readouterr().err
 
