@@ -21,7 +21,6 @@ Legend: B batch, S padded length, V vocab.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from mpt_train.errors import ConfigError
+from mpt_train.eval.perplexity import json_lines
 
 __all__ = [
     "ICL_ASSETS",
@@ -128,24 +128,15 @@ def _records(path: Path, kind: str) -> list[dict]:
         ("query", "choices", "gold") if kind == "multiple_choice" else ("context", "continuation")
     )
     out = []
-    # File iteration splits on newlines only (str.splitlines would also split inside strings
-    # at U+2028 and the like, which JSON leaves raw).
-    with path.open(encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected an object, got {type(rec).__name__}")
-            missing = [k for k in keys if k not in rec]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: {kind} record lacks {missing} (needs {keys})")
-            if kind == "multiple_choice" and not 0 <= rec["gold"] < len(rec["choices"]):
-                raise ValueError(f"{path}:{lineno}: gold {rec['gold']} not an index of choices")
-            out.append(rec)
+    for lineno, rec in json_lines(path):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{lineno}: expected an object, got {type(rec).__name__}")
+        missing = [k for k in keys if k not in rec]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: {kind} record lacks {missing} (needs {keys})")
+        if kind == "multiple_choice" and not 0 <= rec["gold"] < len(rec["choices"]):
+            raise ValueError(f"{path}:{lineno}: gold {rec['gold']} not an index of choices")
+        out.append(rec)
     if not out:
         raise ValueError(f"{path}: no records")
     return out

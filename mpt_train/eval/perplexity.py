@@ -15,6 +15,7 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,11 +77,18 @@ def check_eval_length(model: MPTModel, seq_len: int) -> None:
         )
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Numbered lines, split on newlines only (``str.splitlines`` also splits at U+2028 and
-    the like, which JSON strings may hold raw)."""
+def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of each non-blank line of a JSONL file; a line that is not
+    JSON fails naming ``path:line``. Lines split on newlines only (``str.splitlines`` also
+    splits at U+2028 and the like, which JSON strings may hold raw)."""
     with path.open(encoding="utf-8") as f:
-        yield from enumerate(f, 1)
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
 
 
 def _jsonl_batches(
@@ -91,13 +99,7 @@ def _jsonl_batches(
         raise ConfigError("jsonl", f"eval file not found: {path}")
     stream: list[int] = []
     rows: list[list[int]] = []
-    for lineno, line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
+    for lineno, rec in json_lines(path):
         text = rec.get(cfg.text_key) if isinstance(rec, dict) else None
         if not isinstance(text, str):
             raise ValueError(f"{path}:{lineno}: no string field {cfg.text_key!r}")

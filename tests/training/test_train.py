@@ -15,6 +15,14 @@ from tests.helpers import REPO
 from tests.training.conftest import SEQ, composer_cmd, run, tiny_spec, write_spec
 
 
+def refused_before_training(spec: dict, key: str, match: str, cwd: Path) -> None:
+    """The spec fails with a ConfigError on ``key`` before any batch (no metrics written)."""
+    with pytest.raises(ConfigError, match=match) as e:
+        train(load_config_dict(spec))
+    assert e.value.key == key
+    assert not (cwd / "runs/tiny/metrics.jsonl").exists()
+
+
 def losses(path: Path) -> dict[int, float]:
     return {r["step"]: r["loss/train/total"] for r in read_metrics(path) if "loss/train/total" in r}
 
@@ -183,10 +191,7 @@ def test_vocab_smaller_than_tokenizer_fails_before_training(
     monkeypatch.chdir(tmp_path)
     spec = tiny_spec(mds_dir)
     spec["model"]["vocab_size"] = 4096  # the shipped tokenizer has 8192 ids
-    with pytest.raises(ConfigError, match="8192") as e:
-        train(load_config_dict(spec))
-    assert e.value.key == "model.vocab_size"
-    assert not (tmp_path / "runs/tiny/metrics.jsonl").exists()
+    refused_before_training(spec, "model.vocab_size", "8192", tmp_path)
 
 
 def test_a_tokenizer_that_cannot_load_is_one_line_naming_the_key(
@@ -196,9 +201,9 @@ def test_a_tokenizer_that_cannot_load_is_one_line_naming_the_key(
     with the default hub name meets it first thing."""
     monkeypatch.chdir(tmp_path)
     spec = tiny_spec(mds_dir, tokenizer={"name": str(tmp_path / "no-such-tokenizer")})
-    with pytest.raises(ConfigError, match=r"cannot load tokenizer .*no-such-tokenizer") as e:
-        train(load_config_dict(spec))
-    assert e.value.key == "tokenizer.name"
+    refused_before_training(
+        spec, "tokenizer.name", r"cannot load tokenizer .*no-such-tokenizer", tmp_path
+    )
 
 
 def test_compiled_flex_on_cpu_is_refused_before_the_model_is_built(
@@ -209,10 +214,7 @@ def test_compiled_flex_on_cpu_is_refused_before_the_model_is_built(
     monkeypatch.chdir(tmp_path)
     spec = tiny_spec(mds_dir, compile={"enabled": True})
     spec["model"]["attn_config"]["impl"] = "flex"
-    with pytest.raises(ConfigError, match="compiled FlexAttention needs CUDA") as e:
-        train(load_config_dict(spec))
-    assert e.value.key == "compile.enabled"
-    assert not (tmp_path / "runs/tiny/metrics.jsonl").exists()
+    refused_before_training(spec, "compile.enabled", "compiled FlexAttention needs CUDA", tmp_path)
 
 
 def test_a_new_run_under_an_old_name_starts_a_new_metrics_file_with_eval_first(
@@ -268,10 +270,12 @@ def test_a_missing_icl_task_file_is_named_by_its_place_before_the_model(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     tasks = [{"label": "ok", "path": "icl/stdlib_mc.jsonl"}, {"label": "x", "path": "nope.jsonl"}]
-    with pytest.raises(ConfigError, match=r"ICL task file not found: nope\.jsonl") as e:
-        train(load_config_dict(tiny_spec(mds_dir, icl_tasks=tasks)))
-    assert e.value.key == "icl_tasks.1.path"
-    assert not (tmp_path / "runs/tiny/metrics.jsonl").exists()
+    refused_before_training(
+        tiny_spec(mds_dir, icl_tasks=tasks),
+        "icl_tasks.1.path",
+        r"ICL task file not found: nope\.jsonl",
+        tmp_path,
+    )
 
 
 def test_samples_shorter_than_max_seq_len_are_refused_before_the_model(
@@ -283,7 +287,9 @@ def test_samples_shorter_than_max_seq_len_are_refused_before_the_model(
     spec = tiny_spec(mds_dir)
     spec["model"]["max_seq_len"] = 2 * SEQ
     spec["train_loader"]["dataset"]["max_seq_len"] = 2 * SEQ
-    with pytest.raises(ConfigError, match=r"64 is longer than the 32-token samples") as e:
-        train(load_config_dict(spec))
-    assert e.value.key == "train_loader.dataset.max_seq_len"
-    assert not (tmp_path / "runs/tiny/metrics.jsonl").exists()
+    refused_before_training(
+        spec,
+        "train_loader.dataset.max_seq_len",
+        r"64 is longer than the 32-token samples",
+        tmp_path,
+    )
