@@ -21,7 +21,7 @@ import resource
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +41,16 @@ log = logging.getLogger(__name__)
 
 
 class StepTimer(Callback):
-    """Records (time, tokens, model FLOPs of all ranks) at the end of every batch."""
+    """Records (time, tokens, model FLOPs of all ranks) and the loss at the end of every batch.
+
+    The losses let two rows of the same spec with different throughput options be compared
+    step by step (same seed, same synthetic batches): an option that is faster but changes
+    the numbers shows up there.
+    """
 
     def __init__(self) -> None:
         self.marks: list[tuple[float, int, float]] = []
+        self.losses: list[float] = []
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if torch.cuda.is_available():
@@ -52,6 +58,10 @@ class StepTimer(Callback):
         flops_fn = getattr(state.model, "flops_per_batch", None)
         flops = float(flops_fn(state.batch)) * dist.get_world_size() if flops_fn else 0.0
         self.marks.append((time.perf_counter(), int(state.timestamp.token), flops))
+        loss = state.loss
+        if isinstance(loss, dict):
+            loss = loss.get("total", sum(loss.values()))
+        self.losses.append(float(loss) if isinstance(loss, torch.Tensor) else float("nan"))
 
 
 class StepProfiler(Callback):
@@ -135,6 +145,7 @@ class BenchmarkRow:
     activation_checkpointing: bool
     steps_timed: int
     data: str = "synthetic"
+    losses: list[float] = field(default_factory=list)  # every step's, warm-up included
 
 
 COLUMNS = (
@@ -291,6 +302,7 @@ def run_benchmark(
         activation_checkpointing=ac,
         steps_timed=len(marks) - warmup,
         data="synthetic" if synthetic else "spec",
+        losses=timer.losses[:steps],
     )
 
 

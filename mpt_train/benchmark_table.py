@@ -25,6 +25,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,9 +114,20 @@ def _result(proc: subprocess.CompletedProcess) -> BenchmarkRow | str:
 
 
 def run_table(
-    table: TableSpec, root: Path, echo: bool = True
+    table: TableSpec,
+    root: Path,
+    echo: bool = True,
+    logs: Path | None = None,
+    budget_s: float | None = None,
 ) -> list[tuple[TableRow, BenchmarkRow | str]]:
-    """Run every row; each result is the row's measurements or why it has none."""
+    """Run every row; each result is the row's measurements or why it has none.
+
+    ``logs``: a folder that gets each row's whole output (``<name>.log``), for the rows whose
+    line says only "out of memory" or the last error line. ``budget_s``: the whole table's
+    time (a GPU reservation's end): a row gets at most what is left, and rows that would start
+    after it are listed as not run, so the table still prints before the reservation ends.
+    """
+    deadline = None if budget_s is None else time.monotonic() + budget_s
     package_root = str(Path(__file__).resolve().parents[1])
     env = {
         **os.environ,
@@ -124,6 +136,14 @@ def run_table(
     results: list[tuple[TableRow, BenchmarkRow | str]] = []
     for i, row in enumerate(table.rows):
         label = row.name or Path(row.spec).stem
+        limit = table.timeout_s
+        if deadline is not None:
+            limit = min(limit, deadline - time.monotonic())
+            if limit < 10:
+                results.append((row, "not run: the table's time budget was spent"))
+                if echo:
+                    print(_line(*results[-1]), flush=True)
+                continue
         log.info("row %d/%d: %s %s", i + 1, len(table.rows), label, " ".join(row.overrides))
         try:
             proc = subprocess.run(
@@ -131,15 +151,26 @@ def run_table(
                 env=env,
                 capture_output=True,
                 text=True,
-                timeout=table.timeout_s,
+                timeout=limit,
             )
-        except subprocess.TimeoutExpired:
-            results.append((row, f"timed out after {table.timeout_s:.0f} s"))
+        except subprocess.TimeoutExpired as err:
+            results.append((row, f"timed out after {limit:.0f} s"))
+            out, errs = _text(err.stdout), _text(err.stderr)
         else:
             results.append((row, _result(proc)))
+            out, errs = proc.stdout, proc.stderr
+        if logs is not None:
+            logs.mkdir(parents=True, exist_ok=True)
+            (logs / f"{label}.log").write_text(f"{out}\n--- stderr ---\n{errs}")
         if echo:
             print(_line(*results[-1]), flush=True)
     return results
+
+
+def _text(stream: str | bytes | None) -> str:
+    if isinstance(stream, bytes):
+        return stream.decode(errors="replace")
+    return stream or ""
 
 
 def _line(row: TableRow, result: BenchmarkRow | str) -> str:
@@ -157,8 +188,17 @@ def format_table(results: list[tuple[TableRow, BenchmarkRow | str]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmark_table.py", description=__doc__.split("\n")[0])
     parser.add_argument("table", help="table file (see yamls/benchmarks/)")
-    parser.add_argument("--only", nargs="*", default=None, help="run only rows with these names")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="run only rows with these names, in this order"
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="time for the whole table: no row runs past it, rows left over are listed as not run",
+    )
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--logs", default=None, help="write each row's whole output to DIR/NAME.log")
     args = parser.parse_args(argv)
     from mpt_train.cli import setup_logging
 
@@ -174,13 +214,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             print(f"error: --only {unknown} not in {args.table} (rows: {names})", file=sys.stderr)
             return 2
-        table.rows = [r for r, n in zip(table.rows, names) if n in args.only]
+        by_name = dict(zip(names, table.rows))
+        table.rows = [by_name[n] for n in dict.fromkeys(args.only)]
     table_dir = root = Path(args.table).resolve().parent
     while not (root / "yamls").is_dir() and root != root.parent:
         root = root.parent  # specs are relative to the repository root
     if not (root / "yamls").is_dir():
         root = table_dir  # not in a repository: relative to the table file
-    results = run_table(table, root)
+    logs = Path(args.logs) if args.logs else None
+    results = run_table(table, root, logs=logs, budget_s=args.budget_s)
     print("\n" + format_table(results), flush=True)
     if args.json:
         rows = [

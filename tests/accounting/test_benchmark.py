@@ -117,7 +117,7 @@ def test_table_runs_every_row_and_a_failing_row_does_not_end_it(tmp_path: Path) 
     assert len(load_table(path).rows) == 2
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(REPO / "scripts/benchmark_table.py"), str(path),
-           "--json", str(tmp_path / "rows.json")]  # fmt: skip
+           "--json", str(tmp_path / "rows.json"), "--logs", str(tmp_path / "logs")]  # fmt: skip
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 1, run.stderr[-3000:]  # one row failed
     table_lines = [ln for ln in run.stdout.splitlines() if ln.startswith("| ")]
@@ -125,6 +125,10 @@ def test_table_runs_every_row_and_a_failing_row_does_not_end_it(tmp_path: Path) 
     assert table_lines[-1].startswith("| tiny-125m | 32 | 1 |")
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert "n_layerz" in rows[0]["result"]["error"] and rows[1]["result"]["seq_len"] == 32
+    losses = rows[1]["result"]["losses"]  # every step's, for comparing two rows' numerics
+    assert len(losses) == 3 and all(4.0 < x < 8.0 for x in losses)  # near ln(256) = 5.5
+    assert "n_layerz" in (tmp_path / "logs/typo.log").read_text()
+    assert (tmp_path / "logs/tiny-125m.log").read_text().startswith("{")
 
 
 def test_table_file_rejects_unknown_keys_by_name(tmp_path: Path) -> None:
@@ -155,7 +159,22 @@ def test_shipped_h100_table_covers_the_sizes_and_loads() -> None:
     assert {"mpt-125m", "mpt-350m", "mpt-1b", "mpt-3b"} <= {r.name for r in table.rows}
     for row in table.rows:  # every row is a valid run spec with its overrides
         cfg = load_config(REPO / row.spec, row.overrides)
-        assert cfg.compile.enabled and cfg.model.attn_config.impl == "flex"
+        fast = cfg.compile.enabled and cfg.model.attn_config.impl == "flex"
+        assert fast != row.name.endswith("-plain"), row.name  # baselines have the options off
+        if not fast:
+            assert cfg.optimizer.implementation == "composer"
+
+
+def test_table_budget_lists_rows_it_has_no_time_for_and_only_sets_the_order(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mpt_train.benchmark_table import main
+
+    table = str(REPO / "yamls/benchmarks/h100.yaml")
+    assert main([table, "--only", "mpt-1b", "mpt-125m", "--budget-s", "0"]) == 1
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| mpt")]
+    assert [ln.split(" | ")[0] for ln in lines[-2:]] == ["| mpt-1b", "| mpt-125m"]
+    assert all("not run: the table's time budget was spent" in ln for ln in lines)
 
 
 def test_table_row_without_a_result_line_is_a_failed_row_not_a_crash() -> None:

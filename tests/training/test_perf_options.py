@@ -295,6 +295,7 @@ def test_compiled_blocks_under_bf16_autocast_trace_whole_and_match_eager(impl: s
     torch._dynamo.reset()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="materialising on a GPU needs CUDA")
 def test_one_gpu_meta_model_trains(mds_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """On one GPU nothing shards a meta model: the trainer materialises it on the GPU (no

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The checks a CPU-only CI cannot run, in one go on a GPU node, most important first, inside a
+# time budget (a short reservation):   bash scripts/gpu_checks.sh OUT_DIR [SECONDS=540]
+#   1. attention alone: FlexAttention with ALiBi against SDPA's causal kernel (each checked
+#      against the reference first), the ratio ALiBi costs;
+#   2. the single-H100 table (yamls/benchmarks/h100.yaml) through the real trainer: mpt-1b, the
+#      125m spec with every throughput option and without (its losses compared step by step),
+#      350m, 1b without options, 3b with activation checkpointing, 3b; rows left when the time
+#      is spent are listed as not run;
+#   3. the GPU-only tests.
+# OUT_DIR gets gpu.txt, attention.txt, table.txt, rows.json, losses.txt, tests.txt and logs/
+# (each row's whole output).
+set -uo pipefail
+out=${1:?usage: gpu_checks.sh OUT_DIR [SECONDS]}
+budget=${2:-540}
+tests_s=75  # kept back for step 3
+end=$((SECONDS + budget))
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 WANDB_MODE=${WANDB_MODE:-disabled} HF_HUB_OFFLINE=1
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/mpt-train-inductor}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -c 'import torch, composer, streaming; print("torch", torch.__version__,
+    "composer", composer.__version__, "streaming", streaming.__version__)' | tee -a "$out/gpu.txt"
+
+timeout 90 python3 scripts/bench_attention.py --batch 8 --heads 16 --seq 2048 --head-dim 128 \
+  2>&1 | tee "$out/attention.txt"
+
+python3 scripts/benchmark_table.py yamls/benchmarks/h100.yaml \
+  --only mpt-1b mpt-125m mpt-125m-plain mpt-350m mpt-1b-plain mpt-3b-ac mpt-3b \
+  --budget-s $((end - SECONDS - tests_s)) --json "$out/rows.json" --logs "$out/logs" \
+  2>&1 | tee "$out/table.txt"
+
+python3 - "$out/rows.json" <<'PY' 2>&1 | tee "$out/losses.txt"
+import json, sys
+rows = {r["name"]: r["result"] for r in json.load(open(sys.argv[1]))}
+for fast in ("mpt-125m", "mpt-1b"):
+    a, b = rows.get(fast, {}).get("losses"), rows.get(fast + "-plain", {}).get("losses")
+    if not a or not b:
+        print(f"{fast}: no pair of losses to compare")
+        continue
+    diff = max(abs(x - y) for x, y in zip(a, b))
+    print(f"{fast} vs {fast}-plain, per-step loss (same seed, same batches); max |diff| {diff:.4f}")
+    for step, (x, y) in enumerate(zip(a, b), 1):
+        print(f"  step {step:2d}: {x:.4f} {y:.4f}")
+PY
+
+left=$((end - SECONDS))
+if ((left > 20)); then
+  timeout "$left" python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/model/test_backends.py \
+    tests/training/test_perf_options.py 2>&1 | tee "$out/tests.txt"
+else
+  echo "GPU tests not run: the time budget was spent" | tee "$out/tests.txt"
+fi
