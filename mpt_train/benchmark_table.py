@@ -198,7 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="time for the whole table: no row runs past it, rows left over are listed as not run",
     )
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    parser.add_argument("--logs", default=None, help="write each row's whole output to DIR/NAME.log")
+    parser.add_argument(
+        "--logs", default=None, help="write each row's whole output to DIR/NAME.log"
+    )
     args = parser.parse_args(argv)
     from mpt_train.cli import setup_logging
 
