@@ -12,6 +12,8 @@ the kernel mpt_train.model uses, and its output is checked against the torch ref
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import logging
 import time
 import warnings
@@ -57,7 +59,11 @@ def time_fwd_bwd(
 
 
 def kernels(
-    heads: int, scale: float, device: torch.device, flex_modes: tuple[str, ...] = ()
+    heads: int,
+    scale: float,
+    device: torch.device,
+    flex_modes: tuple[str, ...] = (),
+    flex_options: tuple[dict, ...] = (),
 ) -> dict[str, Kernel]:
     slopes = alibi_slopes(heads, device=device)
     rows: dict[str, Kernel] = {
@@ -84,6 +90,10 @@ def kernels(
             ),
             mode=mode,
             dynamic=False,
+        )
+    for opts in flex_options:
+        rows[f"flex+alibi {json.dumps(opts, separators=(',', ':'))}"] = functools.partial(
+            flex_attend, slopes_H=slopes, softmax_scale=scale, compiled=True, kernel_options=opts
         )
     try:
         check_attention_impl("flash")
@@ -112,6 +122,14 @@ def main(argv: list[str] | None = None) -> None:
         help="extra compiled-FlexAttention rows, one per torch.compile mode "
         "(e.g. max-autotune-no-cudagraphs); GPU only",
     )
+    p.add_argument(
+        "--flex-options",
+        nargs="*",
+        type=json.loads,
+        default=[],
+        help="extra compiled-FlexAttention rows, one per JSON object of kernel_options "
+        '(e.g. \'{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8}\'); GPU only',
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
@@ -131,18 +149,14 @@ def main(argv: list[str] | None = None) -> None:
         f"median of {args.iters} fwd+bwd after {args.warmup} warmup"
     )
 
-    rows = kernels(args.heads, scale, device, tuple(args.flex_modes))
+    rows = kernels(args.heads, scale, device, tuple(args.flex_modes), tuple(args.flex_options))
     with torch.no_grad():
         ref = rows["torch+alibi"](q, k, v).float()
     results: dict[str, float | str] = {}
     for name, fn in rows.items():
         if name == "flex+alibi eager" and device.type == "cuda":
             continue  # the compiled row is the GPU path; eager materialises S x S scores
-        if (
-            name.startswith("flex+alibi ")
-            and name[11:] in args.flex_modes
-            and device.type != "cuda"
-        ):
+        if name.startswith("flex+alibi ") and name != "flex+alibi eager" and device.type != "cuda":
             results[name] = "n/a: compiled FlexAttention needs CUDA here"
             continue
         try:
@@ -159,13 +173,14 @@ def main(argv: list[str] | None = None) -> None:
             results[name] = f"n/a: {type(err).__name__}: {reason[:90]}"
 
     floor = results.get("sdpa causal (no alibi)")
-    print(f"\n{'kernel':<24} {'fwd+bwd ms':>11} {'x sdpa-no-alibi':>16}")
+    width = max(24, *(len(n) for n in results))
+    print(f"\n{'kernel':<{width}} {'fwd+bwd ms':>11} {'x sdpa-no-alibi':>16}")
     for name, res in results.items():
         if isinstance(res, str):
-            print(f"{name:<24} {res}")
+            print(f"{name:<{width}} {res}")
         else:
             ratio = f"{res / floor:.2f}" if isinstance(floor, float) else "-"
-            print(f"{name:<24} {res:>11.2f} {ratio:>16}")
+            print(f"{name:<{width}} {res:>11.2f} {ratio:>16}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -207,6 +208,7 @@ def attend(
     seq_id_BS: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     mask: AttnMask = None,
+    flex_kernel_options: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Causal attention of Q queries over K >= Q keys with the chosen kernel -> ``[B,H,Q,D]``.
 
@@ -226,6 +228,7 @@ def attend(
             softmax_scale=softmax_scale,
             seq_id_BS=seq_id_BS,
             block_mask=mask,
+            kernel_options=flex_kernel_options or None,
         )
     k_BHKD, v_BHKD = _repeat_kv(k_BGKD, n_heads), _repeat_kv(v_BGKD, n_heads)
     if impl == "torch":
@@ -249,6 +252,7 @@ class MPTAttention(nn.Module):
         self.clip_qkv = acfg.clip_qkv
         self.softmax_scale = acfg.softmax_scale or 1.0 / math.sqrt(self.head_dim)
         self.attn_pdrop = acfg.attn_pdrop
+        self.flex_kernel_options = dict(acfg.flex_kernel_options)
         self.alibi, self.alibi_bias_max = acfg.alibi, acfg.alibi_bias_max
         kv_dim = self.kv_n_heads * self.head_dim
         self.Wqkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=not cfg.no_bias)
@@ -303,6 +307,7 @@ class MPTAttention(nn.Module):
             seq_id_BS=seq_id_BS,
             dropout_p=self.attn_pdrop if self.training else 0.0,
             mask=mask,
+            flex_kernel_options=self.flex_kernel_options,
         )
         out_BSM = out_BHSD.transpose(1, 2).reshape(batch, seq_len, d_model)
         return self.out_proj(out_BSM), (k_BGSD, v_BGSD)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from mpt_train.errors import ConfigError, check_choice
 
@@ -47,6 +48,9 @@ class AttentionConfig:
     with an ALiBi ``score_mod``, compiled) or ``flash`` (flash-attn, GPU only). ALiBi and
     document masking (``attn_uses_sequence_id``) are applied inside every kernel.
     ``kv_n_heads`` < ``n_heads`` gives grouped-query attention (1 = multi-query).
+    ``flex_kernel_options`` go to FlexAttention's generated GPU kernel unchanged (tile sizes,
+    warps, stages; see ``scripts/bench_attention.py --flex-options`` to time them); empty keeps
+    torch's choice. They change speed only, never the result.
     """
 
     impl: str = "sdpa"
@@ -58,9 +62,15 @@ class AttentionConfig:
     kv_n_heads: int | None = None
     attn_pdrop: float = 0.0
     attn_uses_sequence_id: bool = False
+    flex_kernel_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_choice("impl", self.impl, ATTN_IMPLS)
+        if self.flex_kernel_options and self.impl != "flex":
+            raise ConfigError(
+                "flex_kernel_options",
+                f"set for impl {self.impl!r}; they only apply to impl 'flex'",
+            )
         if self.alibi_bias_max <= 0:
             raise ConfigError("alibi_bias_max", f"got {self.alibi_bias_max}, must be > 0")
         if self.clip_qkv is not None and self.clip_qkv <= 0:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -166,12 +167,14 @@ def flex_attend(
     seq_id_BS: torch.Tensor | None = None,
     compiled: bool | None = None,
     block_mask: BlockMask | None = None,
+    kernel_options: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Causal self-attention (Q == K) with optional ALiBi and document masking.
 
     ``compiled`` forces the compiled (True) or eager (False) kernel; None compiles on CUDA only.
     ``block_mask`` is :func:`flex_block_mask` of this call's arguments, when the caller built it
-    once for all layers.
+    once for all layers. ``kernel_options`` go to FlexAttention's generated kernel as they are
+    (tile sizes, warps, stages, ``USE_TMA``...); None keeps torch's choice for the GPU.
 
     Incremental decoding (Q < K) is not routed here: each step would be a new static shape,
     i.e. a recompilation; the caller uses SDPA with the same bias for those steps.
@@ -210,4 +213,5 @@ def flex_attend(
         block_mask=block_mask,
         scale=softmax_scale,
         enable_gqa=q_BHQD.shape[1] != k_BGKD.shape[1],
+        kernel_options=kernel_options,
     )
