@@ -113,13 +113,27 @@ class StepProfiler(Callback):
         events = self.prof.key_averages()
         on_gpu = torch.cuda.is_available()
         key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-        busy_ms = sum(getattr(e, key) for e in events) / 1e3 / self.steps
+        busy_ms = _busy_us(self.prof.events(), key) / 1e3 / self.steps
         wall_ms = 1e3 * self.wall / self.steps
         head = f"profile of the last {self.steps} step(s): {wall_ms:.1f} ms/step wall"
         if on_gpu:
             head += f", {busy_ms:.1f} ms/step in GPU kernels ({100 * busy_ms / wall_ms:.0f}% busy)"
         table = events.table(sort_by=key, row_limit=top)
         return f"{head}\ntrace: {self.trace_path()}\n{table}"
+
+
+def _busy_us(events: Sequence[Any], key: str) -> float:
+    """Time in kernels (or ops on CPU), without the ranges that only annotate others:
+    ``Optimizer.step#AdamW.step`` spans the optimizer's kernels and would count them twice."""
+
+    def annotation(e: Any) -> bool:
+        return (
+            bool(getattr(e, "is_user_annotation", False))
+            or "#" in e.name
+            or (e.name.startswith("ProfilerStep"))
+        )
+
+    return sum(getattr(e, key) for e in events if not annotation(e))
 
 
 @dataclass

@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -91,9 +92,17 @@ def _row_cmd(row: TableRow, table: TableSpec, root: Path) -> list[str]:
     return cmd
 
 
+_RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s*")
+
+
 def _failure(stderr: str) -> str:
-    """The line of a failed row's output that says why (an OOM, a ConfigError, ...)."""
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    """The line of a failed row's output that says why (an OOM, a ConfigError, ...).
+
+    Torch prefixes each line of a traceback with ``[rank0]:`` and may log a shutdown warning
+    after it; neither is the reason.
+    """
+    lines = [_RANK_PREFIX.sub("", ln).strip() for ln in stderr.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("[W")]  # c10 warnings: [W1126 ...]
     for ln in reversed(lines):
         if "OutOfMemoryError" in ln or "out of memory" in ln:
             return "out of memory"

@@ -186,6 +186,17 @@ def test_table_row_without_a_result_line_is_a_failed_row_not_a_crash() -> None:
     assert _result(done("")).startswith("no result row")
     assert _result(done("some library said goodbye\n")).startswith("no result row")
     assert _result(done("", 1, "x\ntorch.OutOfMemoryError: CUDA out of memory")) == "out of memory"
+    # A compile failure as torch prints it on a GPU: every traceback line prefixed with the
+    # rank, then a process-group warning after it. The row names the error, not the warning.
+    err = (
+        "[rank0]: Traceback (most recent call last):\n"
+        '[rank0]:   File "mpt.py", line 129, in forward\n'
+        "[rank0]: torch._inductor.exc.InductorError: LoweringException: TypeError: launcher()\n"
+        "[rank0]:   target: flex_attention\n"
+        "\n[rank0]:[W1126 23:46:36.573330560 ProcessGroupNCCL.cpp:1575] Warning: WARNING: "
+        "destroy_process_group() was not called before program exit\n"
+    )
+    assert _result(done("", 1, err)).startswith("torch._inductor.exc.InductorError: Lowering")
 
 
 @pytest.mark.slow
@@ -222,3 +233,23 @@ def test_benchmark_of_a_spec_scheduled_in_tokens(tmp_path: Path, monkeypatch) ->
     assert cfg.scheduler.t_warmup.endswith("tok")
     row = run_benchmark(cfg, steps=3, warmup=1, peak_flops=1e11, name="7b-1t-tiny")
     assert row.model == "7b-1t-tiny" and row.steps_timed == 2 and row.tokens_per_sec > 0
+
+
+def test_profile_busy_time_leaves_out_ranges_that_annotate_other_kernels() -> None:
+    """``Optimizer.step#AdamW.step`` spans the optimizer's kernels: counted too, the GPU read
+    285% busy on an H100."""
+    from types import SimpleNamespace
+
+    from mpt_train.benchmark import _busy_us
+
+    def ev(name: str, us: float, annotation: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(name=name, self_device_time_total=us, is_user_annotation=annotation)
+
+    events = [
+        ev("nvjet_sm90_tst_256x128", 100.0),
+        ev("multi_tensor_apply_kernel", 20.0),
+        ev("Optimizer.step#AdamW.step", 20.0),
+        ev("ProfilerStep#3", 140.0),
+        ev("my_region", 50.0, annotation=True),
+    ]
+    assert _busy_us(events, "self_device_time_total") == 120.0
