@@ -94,6 +94,38 @@ def test_compiled_flex_on_gpu_matches_sdpa(make_model) -> None:
     torch.testing.assert_close(flex(ids, seq_id), ref(ids, seq_id), atol=1e-4, rtol=1e-4)
 
 
+def test_flex_kernel_options_from_the_spec_reach_every_flex_call(make_model, monkeypatch) -> None:
+    """``attn_config.flex_kernel_options`` is passed to FlexAttention as is, and (tiles only,
+    never the maths) leaves the output unchanged."""
+    import mpt_train.model.flex as flex_mod
+
+    seen = []
+    real = flex_mod.flex_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("kernel_options"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flex_mod, "flex_attention", spy)
+    plain = make_model(attn={"impl": "flex"})
+    opts = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4}
+    tuned = clone_with(plain, attn={"impl": "flex", "flex_kernel_options": opts})
+    ids = torch.randint(0, 97, (2, 40))
+    torch.testing.assert_close(tuned(ids), plain(ids))
+    layers = plain.cfg.n_layers
+    assert seen == [opts] * layers + [None] * layers  # tuned ran first
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled FlexAttention needs CUDA here")
+def test_compiled_flex_with_kernel_options_on_gpu_matches_default(make_model) -> None:
+    ref = make_model(attn={"impl": "flex"}).cuda()
+    opts = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    tuned = clone_with(ref, attn={"impl": "flex", "flex_kernel_options": opts}).cuda()
+    ids = torch.randint(0, 97, (2, 256), device="cuda")
+    torch.testing.assert_close(tuned(ids), ref(ids), atol=1e-4, rtol=1e-4)
+
+
 def _flash_missing() -> str | None:
     if not torch.cuda.is_available():
         return "flash-attn runs on CUDA GPUs only"

@@ -41,6 +41,7 @@ BAD_ATTN_FIELDS = [
     ({"kv_n_heads": 0}, "kv_n_heads", ">= 1"),
     ({"attn_pdrop": 1.5}, "attn_pdrop", "[0, 1)"),
     ({"impl": "flex", "attn_pdrop": 0.1}, "attn_pdrop", "flex"),
+    ({"impl": "sdpa", "flex_kernel_options": {"BLOCK_M": 64}}, "flex_kernel_options", "'flex'"),
     (
         {"impl": "flash", "attn_uses_sequence_id": True},
         "attn_uses_sequence_id",
