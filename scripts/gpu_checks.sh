@@ -5,8 +5,8 @@
 #      against the reference first), the ratio ALiBi costs;
 #   2. the single-H100 table (yamls/benchmarks/h100.yaml) through the real trainer: mpt-1b, the
 #      125m spec with every throughput option and without (its losses compared step by step),
-#      350m, 1b without options, 3b with activation checkpointing, 3b; rows left when the time
-#      is spent are listed as not run;
+#      350m, 1b without options, 3b with activation checkpointing, 3b, then 1b with larger
+#      batches; rows left when the time is spent are listed as not run;
 #   3. the GPU-only tests.
 # OUT_DIR gets gpu.txt, attention.txt, table.txt, rows.json, losses.txt, tests.txt and logs/
 # (each row's whole output).
@@ -28,7 +28,8 @@ timeout 90 python3 scripts/bench_attention.py --batch 8 --heads 16 --seq 2048 --
   2>&1 | tee "$out/attention.txt"
 
 python3 scripts/benchmark_table.py yamls/benchmarks/h100.yaml \
-  --only mpt-1b mpt-125m mpt-125m-plain mpt-350m mpt-1b-plain mpt-3b-ac mpt-3b \
+  --only mpt-1b mpt-125m mpt-125m-plain mpt-350m mpt-1b-plain mpt-3b-ac mpt-3b mpt-1b-mb8 \
+    mpt-1b-accum8 mpt-1b-mb10 \
   --budget-s $((end - SECONDS - tests_s)) --json "$out/rows.json" --logs "$out/logs" \
   2>&1 | tee "$out/table.txt"
 
