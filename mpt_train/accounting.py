@@ -175,7 +175,8 @@ def shape_model(model_cfg: MPTConfig) -> MPTModel:
     """
     from mpt_train.model import build_model
 
-    cfg = replace(model_cfg, attn_config=replace(model_cfg.attn_config, impl="torch"))
+    attn = replace(model_cfg.attn_config, impl="torch", flex_kernel_options={})
+    cfg = replace(model_cfg, attn_config=attn)
     return build_model(cfg, device="meta")
 
 

@@ -30,6 +30,7 @@ import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
+from torch.autograd import DeviceType
 
 from mpt_train.accounting import detect_gpu_type, get_gpu, hfu_from_mfu, shape_model
 from mpt_train.config import ConfigError, RunConfig, load_config
@@ -44,18 +45,17 @@ log = logging.getLogger(__name__)
 class StepTimer(Callback):
     """Records (time, tokens, model FLOPs of all ranks) and the loss at the end of every batch.
 
-    It never waits for the GPU: on CUDA each batch end records an event, and the time between
-    two of them is read after the run (:meth:`elapsed`). A timer that synchronised every step
-    would keep the host from queueing the next step while the optimizer's kernels run, a stall
-    real training does not have. The losses let two rows of the same spec with different
-    throughput options be compared step by step (same seed, same synthetic batches): an option
-    that is faster but changes the numbers shows up there.
+    On CUDA each batch end records an event and the time between two of them is read after
+    the run (:meth:`elapsed`): the timer itself adds no synchronisation to the step. The loss
+    is the step's (Composer's average over micro batches and ranks), so two rows of the same
+    spec with different throughput options can be compared step by step (same seed, same
+    synthetic batches): an option that is faster but changes the numbers shows up there.
     """
 
     def __init__(self) -> None:
         self.marks: list[tuple[float, int, float]] = []
         self.events: list[torch.cuda.Event] = []
-        self._losses: list[torch.Tensor | float] = []
+        self.losses: list[float] = []
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if torch.cuda.is_available():
@@ -65,10 +65,8 @@ class StepTimer(Callback):
         flops_fn = getattr(state.model, "flops_per_batch", None)
         flops = float(flops_fn(state.batch)) * dist.get_world_size() if flops_fn else 0.0
         self.marks.append((time.perf_counter(), int(state.timestamp.token), flops))
-        loss = state.loss
-        if isinstance(loss, dict):
-            loss = loss.get("total", sum(loss.values()))
-        self._losses.append(loss.detach() if isinstance(loss, torch.Tensor) else math.nan)
+        # A float already: Composer reads it back after every optimizer step.
+        self.losses.append(float(state.total_loss_dict.get("loss/train/total", math.nan)))
 
     def elapsed(self, first: int, last: int) -> float:
         """Seconds from the end of batch ``first`` to the end of batch ``last`` (0-based)."""
@@ -76,10 +74,6 @@ class StepTimer(Callback):
             self.events[last].synchronize()
             return self.events[first].elapsed_time(self.events[last]) / 1e3
         return self.marks[last][0] - self.marks[first][0]
-
-    @property
-    def losses(self) -> list[float]:
-        return [float(x) for x in self._losses]
 
 
 class StepProfiler(Callback):
@@ -141,7 +135,7 @@ class StepProfiler(Callback):
 
 
 def _busy_us(events: Sequence[Any], key: str) -> float:
-    """Time in kernels (or ops on CPU), without the ranges that only annotate others:
+    """Time in kernels (or ops on CPU), each counted once, without ranges that annotate others:
     ``Optimizer.step#AdamW.step`` spans the optimizer's kernels and would count them twice."""
 
     def annotation(e: Any) -> bool:
@@ -151,7 +145,11 @@ def _busy_us(events: Sequence[Any], key: str) -> float:
             or (e.name.startswith("ProfilerStep"))
         )
 
-    return sum(getattr(e, key) for e in events if not annotation(e))
+    def on_device(e: Any) -> bool:
+        # A kernel is listed twice: as a device event and under the op that launched it.
+        return key != "self_device_time_total" or e.device_type == DeviceType.CUDA
+
+    return sum(getattr(e, key) for e in events if not annotation(e) and on_device(e))
 
 
 @dataclass

@@ -14,8 +14,9 @@ set -uo pipefail
 out=${1:?usage: gpu_checks.sh OUT_DIR [SECONDS]}
 budget=${2:-540}
 tests_s=75  # kept back for step 3
+[[ $budget =~ ^[0-9]+$ ]] || { echo "SECONDS must be a whole number, got '$budget'" >&2; exit 2; }
 end=$((SECONDS + budget))
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: the script runs from the repository root
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 WANDB_MODE=${WANDB_MODE:-disabled} HF_HUB_OFFLINE=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/mpt-train-inductor}

@@ -27,10 +27,6 @@ def _num(v: float) -> str:
     return f"{v:.1f}"
 
 
-def _floats(m: dict[str, float | torch.Tensor]) -> dict[str, float]:
-    return {k: float(v) for k, v in m.items()}
-
-
 def format_line(step: int, total: int | None, m: dict[str, float]) -> str:
     """``[batch 120/1000] loss 3.4121 lr 5.9e-04 tok/s 12.3k mfu 41.2% eta 0:12:31``."""
     parts = [f"[batch {step}/{total}]" if total else f"[batch {step}]"]
@@ -56,22 +52,16 @@ class ConsoleLine(LoggerDestination):
         super().__init__()
         self.interval = Time.from_timestring(log_interval)
         self.stream = stream or sys.stdout
-        # Tensors stay tensors until a line is printed: reading one every step (``.item()``)
-        # would make the host wait for the GPU to finish the step's optimizer before it can
-        # queue the next batch.
-        self._latest: dict[str, float | torch.Tensor] = {}
-        self._eval: dict[str, float | torch.Tensor] = {}
+        self._latest: dict[str, float] = {}
+        self._eval: dict[str, float] = {}
         self._planned: Time | None = None
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         for k, v in metrics.items():
             if isinstance(v, torch.Tensor) and v.numel() == 1:
-                v = v.detach().reshape(())
-            elif isinstance(v, int | float):
-                v = float(v)
-            else:
-                continue
-            (self._eval if k.startswith("metrics/eval") else self._latest)[k] = v
+                v = v.item()
+            if isinstance(v, int | float):
+                (self._eval if k.startswith("metrics/eval") else self._latest)[k] = float(v)
 
     def _print(self, line: str) -> None:
         if dist.get_global_rank() == 0:
@@ -92,13 +82,12 @@ class ConsoleLine(LoggerDestination):
         # The last line is printed at the end however training ends (in any time unit).
         last = state.max_duration is not None and state.timestamp >= state.max_duration
         if due or last:
-            self._print(format_line(step, total, _floats(self._latest)))
+            self._print(format_line(step, total, self._latest))
 
     def eval_end(self, state: State, logger: Logger) -> None:
         if self._eval:
             vals = " ".join(
-                f"{k.removeprefix('metrics/')} {v:.4f}"
-                for k, v in sorted(_floats(self._eval).items())
+                f"{k.removeprefix('metrics/')} {v:.4f}" for k, v in sorted(self._eval.items())
             )
             self._print(f"[eval @ batch {int(state.timestamp.batch)}] {vals}")
             self._eval = {}

@@ -236,17 +236,23 @@ def test_benchmark_of_a_spec_scheduled_in_tokens(tmp_path: Path, monkeypatch) ->
 
 
 def test_profile_busy_time_leaves_out_ranges_that_annotate_other_kernels() -> None:
-    """``Optimizer.step#AdamW.step`` spans the optimizer's kernels: counted too, the GPU read
-    285% busy on an H100."""
+    """Each kernel once: not again under the op that launched it, nor under
+    ``Optimizer.step#AdamW.step`` (counting those, the GPU read 285% busy on an H100)."""
     from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
 
     from mpt_train.benchmark import _busy_us
 
-    def ev(name: str, us: float, annotation: bool = False) -> SimpleNamespace:
-        return SimpleNamespace(name=name, self_device_time_total=us, is_user_annotation=annotation)
+    def ev(name: str, us: float, annotation: bool = False, cpu: bool = False) -> SimpleNamespace:
+        device = DeviceType.CPU if cpu else DeviceType.CUDA
+        return SimpleNamespace(
+            name=name, self_device_time_total=us, is_user_annotation=annotation, device_type=device
+        )
 
     events = [
         ev("nvjet_sm90_tst_256x128", 100.0),
+        ev("aten::mm", 100.0, cpu=True),  # the op that launched it carries its time too
         ev("multi_tensor_apply_kernel", 20.0),
         ev("Optimizer.step#AdamW.step", 20.0),
         ev("ProfilerStep#3", 140.0),

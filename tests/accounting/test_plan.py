@@ -135,3 +135,18 @@ def test_cli_bad_spec_exits_2_with_the_key(tmp_path: Path, capsys: pytest.Captur
     )
     assert main([str(spec), "--gpus", "8", "--gpu", "h100"]) == 2
     assert "max_duration" in capsys.readouterr().err
+
+
+def test_flex_kernel_options_do_not_stop_planning_or_counting_flops() -> None:
+    """Planning counts parameters and FLOPs on a reference-kernel copy of the model: options for
+    FlexAttention's kernel must not make that copy invalid (they change no shape or FLOP)."""
+    from mpt_train.accounting import flops_per_token
+
+    root = Path(__file__).resolve().parents[2]
+    plain = load_config(root / "yamls/mpt-125m.yaml")
+    tuned = load_config(
+        root / "yamls/mpt-125m.yaml", ["model.attn_config.flex_kernel_options={BLOCK_M: 64}"]
+    )
+    assert tuned.model.attn_config.flex_kernel_options == {"BLOCK_M": 64}
+    assert flops_per_token(tuned.model, 2048) == flops_per_token(plain.model, 2048)
+    assert make_plan(tuned, gpus=8, gpu="h100").gpus == 8
