@@ -21,6 +21,10 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 WANDB_MODE=${WANDB_MODE:-disabled} HF_HUB_OFFLINE=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/mpt-train-inductor}
 
+if ! python3 -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+  echo "gpu_checks.sh: no CUDA GPU visible to torch here; these checks need one" >&2
+  exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch, composer, streaming; print("torch", torch.__version__,
     "composer", composer.__version__, "streaming", streaming.__version__)' | tee -a "$out/gpu.txt"
