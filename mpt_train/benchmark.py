@@ -138,12 +138,8 @@ def _busy_us(events: Sequence[Any], key: str) -> float:
     """Time in kernels (or ops on CPU), each counted once, without ranges that annotate others:
     ``Optimizer.step#AdamW.step`` spans the optimizer's kernels and would count them twice."""
 
-    def annotation(e: Any) -> bool:
-        return (
-            bool(getattr(e, "is_user_annotation", False))
-            or "#" in e.name
-            or (e.name.startswith("ProfilerStep"))
-        )
+    def annotation(e: Any) -> bool:  # user ranges, ``Optimizer.step#...``, ``ProfilerStep#N``
+        return bool(getattr(e, "is_user_annotation", False)) or "#" in e.name
 
     def on_device(e: Any) -> bool:
         # A kernel is listed twice: as a device event and under the op that launched it.

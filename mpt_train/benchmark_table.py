@@ -148,32 +148,33 @@ def run_table(
         limit = table.timeout_s
         if deadline is not None:
             limit = min(limit, deadline - time.monotonic())
-            if limit < 10:
-                results.append((row, "not run: the table's time budget was spent"))
-                if echo:
-                    print(_line(*results[-1]), flush=True)
-                continue
-        log.info("row %d/%d: %s %s", i + 1, len(table.rows), label, " ".join(row.overrides))
-        try:
-            proc = subprocess.run(
-                _row_cmd(row, table, root),
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=limit,
-            )
-        except subprocess.TimeoutExpired as err:
-            results.append((row, f"timed out after {limit:.0f} s"))
-            out, errs = _text(err.stdout), _text(err.stderr)
+        if deadline is not None and limit < 10:
+            result: BenchmarkRow | str = "not run: the table's time budget was spent"
         else:
-            results.append((row, _result(proc)))
-            out, errs = proc.stdout, proc.stderr
-        if logs is not None:
-            logs.mkdir(parents=True, exist_ok=True)
-            (logs / f"{label}.log").write_text(f"{out}\n--- stderr ---\n{errs}")
+            log.info("row %d/%d: %s %s", i + 1, len(table.rows), label, " ".join(row.overrides))
+            log_file = logs / f"{label}.log" if logs is not None else None
+            result = _run_row(_row_cmd(row, table, root), env, limit, log_file)
+        results.append((row, result))
         if echo:
-            print(_line(*results[-1]), flush=True)
+            print(_line(row, result), flush=True)
     return results
+
+
+def _run_row(
+    cmd: list[str], env: dict[str, str], limit: float, log_file: Path | None
+) -> BenchmarkRow | str:
+    """One row in its own process, within ``limit`` seconds; its whole output in ``log_file``."""
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired as err:
+        result: BenchmarkRow | str = f"timed out after {limit:.0f} s"
+        out, errs = _text(err.stdout), _text(err.stderr)
+    else:
+        result, out, errs = _result(proc), proc.stdout, proc.stderr
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.write_text(f"{out}\n--- stderr ---\n{errs}")
+    return result
 
 
 def _text(stream: str | bytes | None) -> str:
