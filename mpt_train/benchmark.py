@@ -36,6 +36,7 @@ from mpt_train.accounting import detect_gpu_type, get_gpu, hfu_from_mfu, shape_m
 from mpt_train.config import ConfigError, RunConfig, load_config
 from mpt_train.config.schema import train_seq_len
 from mpt_train.data.config import TextLoaderConfig
+from mpt_train.idle_gaps import format_gaps, gaps_from_profile, is_annotation
 
 __all__ = ["BenchmarkRow", "StepProfiler", "StepTimer", "format_row", "main", "run_benchmark"]
 
@@ -131,21 +132,22 @@ class StepProfiler(Callback):
         if on_gpu:
             head += f", {busy_ms:.1f} ms/step in GPU kernels ({100 * busy_ms / wall_ms:.0f}% busy)"
         table = events.table(sort_by=key, row_limit=top)
-        return f"{head}\ntrace: {self.trace_path()}\n{table}"
+        out = f"{head}\ntrace: {self.trace_path()}\n{table}"
+        if on_gpu:
+            gaps = gaps_from_profile(self.prof.events())
+            out += "\n" + format_gaps(gaps, self.steps, wall_ms)
+        return out
 
 
 def _busy_us(events: Sequence[Any], key: str) -> float:
     """Time in kernels (or ops on CPU), each counted once, without ranges that annotate others:
     ``Optimizer.step#AdamW.step`` spans the optimizer's kernels and would count them twice."""
 
-    def annotation(e: Any) -> bool:  # user ranges, ``Optimizer.step#...``, ``ProfilerStep#N``
-        return bool(getattr(e, "is_user_annotation", False)) or "#" in e.name
-
     def on_device(e: Any) -> bool:
         # A kernel is listed twice: as a device event and under the op that launched it.
         return key != "self_device_time_total" or e.device_type == DeviceType.CUDA
 
-    return sum(getattr(e, key) for e in events if not annotation(e) and on_device(e))
+    return sum(getattr(e, key) for e in events if not is_annotation(e) and on_device(e))
 
 
 @dataclass

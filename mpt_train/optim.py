@@ -9,7 +9,6 @@ same, and fused is much faster on GPU than Composer's per-parameter loop.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 
 import torch
 from composer.optim import (
@@ -23,7 +22,7 @@ from composer.optim.scheduler import ComposerScheduler
 from mpt_train.config.schema import OptimizerConfig, SchedulerConfig
 from mpt_train.lion import DecoupledLionW
 
-__all__ = ["build_optimizer", "build_scheduler", "param_groups"]
+__all__ = ["adamw_kernel", "build_optimizer", "build_scheduler", "param_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +50,25 @@ def param_groups(model: torch.nn.Module, cfg: OptimizerConfig) -> list[dict]:
     return groups
 
 
-def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def adamw_kernel(cfg: OptimizerConfig, on_gpu: bool) -> str | None:
+    """What runs the AdamW update: 'fused', 'foreach' or 'composer'; None for Lion."""
+    if cfg.name == "decoupled_lionw":
+        return None
+    if cfg.implementation == "auto":
+        return "fused" if on_gpu else "foreach"
+    return cfg.implementation
+
+
+def build_optimizer(
+    cfg: OptimizerConfig, model: torch.nn.Module, on_gpu: bool
+) -> torch.optim.Optimizer:
+    """``on_gpu``: the run trains on GPUs (the model may still be on the host or meta device)."""
     groups = param_groups(model, cfg)
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
-    if cfg.name == "decoupled_lionw":
+    impl = adamw_kernel(cfg, on_gpu)
+    if impl is None:
         return DecoupledLionW(groups, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
-    on_gpu = _params_on_gpu(groups)
-    impl = cfg.implementation
-    if impl == "auto":
-        impl = "fused" if on_gpu else "foreach"
-    if cfg.name == "decoupled_adamw" and impl == "composer":
+    if impl == "composer":
         return DecoupledAdamW(
             groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay
         )
@@ -71,13 +79,6 @@ def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module) -> torch.optim
             g["weight_decay"] = wd
     kwargs = {"fused": True} if impl == "fused" else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=wd, **kwargs)
-
-
-def _params_on_gpu(groups: Iterable[dict]) -> bool:
-    for g in groups:
-        for p in g["params"]:
-            return p.device.type == "cuda" or torch.cuda.is_available()
-    return False
 
 
 def build_scheduler(cfg: SchedulerConfig) -> ComposerScheduler:

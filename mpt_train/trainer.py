@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import yaml
 from composer import Evaluator, Trainer
-from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator
 from composer.core import Callback, DataSpec, State
 from composer.distributed.activation_checkpointing import apply_ac
@@ -28,6 +27,7 @@ from composer.utils.parallelism import FSDP2Config
 
 from mpt_train.accounting import detect_gpu_type, get_gpu
 from mpt_train.callbacks import CostMonitor, TrainSpeedMonitor
+from mpt_train.clipping import build_gradient_clipping
 from mpt_train.composer_model import IGNORE_INDEX, ComposerMPT, shift_labels
 from mpt_train.config import RunConfig, redact, to_container
 from mpt_train.config.schema import check_schedule
@@ -39,6 +39,7 @@ from mpt_train.data.synthetic import build_synthetic_dataloader
 from mpt_train.errors import ConfigError
 from mpt_train.eval.callback import ICLEvalCallback
 from mpt_train.eval.icl import for_model
+from mpt_train.gloo_average import GlooGradientAverage
 from mpt_train.loggers import ConsoleLine, JsonlLogger
 from mpt_train.model import MPTBlock, build_model, init_weights
 from mpt_train.optim import build_optimizer, build_scheduler
@@ -296,6 +297,11 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
     if cfg.device_train_microbatch_size == "auto" and device != "gpu":
         raise ConfigError("device_train_microbatch_size", "'auto' needs a GPU; give an int on CPU")
     validate_run(cfg, world)
+    algorithms, callbacks = [], []
+    if cfg.gradient_clipping is not None:
+        algorithms, callbacks = build_gradient_clipping(
+            cfg.gradient_clipping, cfg.optimizer, device == "gpu", precision
+        )
     schedule_note = check_schedule(cfg.scheduler, cfg.max_duration)
     if schedule_note and dist.get_global_rank() == 0:
         log.warning(schedule_note)
@@ -382,17 +388,12 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
         for label, loader in eval_loaders.items()
     ]
 
-    optimizer = build_optimizer(cfg.optimizer, composer_model)
-    algorithms = []
-    if cfg.gradient_clipping is not None:
-        algorithms.append(
-            GradientClipping(
-                clipping_type=cfg.gradient_clipping.clipping_type,
-                clipping_threshold=cfg.gradient_clipping.clipping_threshold,
-            )
-        )
+    optimizer = build_optimizer(cfg.optimizer, composer_model, on_gpu=device == "gpu")
     run_dir = Path("runs") / run_name
-    callbacks = _callbacks(cfg, spec, run_dir)
+    if parallelism is not None and device == "cpu":
+        mesh = parallelism["fsdp"].device_mesh
+        callbacks.append(GlooGradientAverage(mesh["shard"].get_group() if mesh else None))
+    callbacks += _callbacks(cfg, spec, run_dir)
     callbacks += reliability_callbacks(rel, cfg.save_folder, run_dir)
     if cfg.icl_tasks:
         m = cfg.model

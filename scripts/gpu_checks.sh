@@ -3,17 +3,19 @@
 # time budget (a short reservation):   bash scripts/gpu_checks.sh OUT_DIR [SECONDS=540]
 #   1. attention alone: FlexAttention with ALiBi against SDPA's causal kernel (each checked
 #      against the reference first), the ratio ALiBi costs;
-#   2. the single-H100 table (yamls/benchmarks/h100.yaml) through the real trainer: mpt-1b, the
+#   2. MPT-1B profiled (--profile): the kernels that take the time and the gaps where the GPU
+#      waits, with the host ops inside them;
+#   3. the single-H100 table (yamls/benchmarks/h100.yaml) through the real trainer: mpt-1b, the
 #      125m spec with every throughput option and without (its losses compared step by step),
 #      350m, 1b without options, 3b with activation checkpointing, 3b, then 1b with larger
 #      batches; rows left when the time is spent are listed as not run;
-#   3. the GPU-only tests.
-# OUT_DIR gets gpu.txt, attention.txt, table.txt, rows.json, losses.txt, tests.txt and logs/
+#   4. the GPU-only tests.
+# OUT_DIR gets gpu.txt, attention.txt, profile.txt, table.txt, rows.json, losses.txt, tests.txt and logs/
 # (each row's whole output).
 set -uo pipefail
 out=${1:?usage: gpu_checks.sh OUT_DIR [SECONDS]}
 budget=${2:-540}
-tests_s=75  # kept back for step 3
+tests_s=75  # kept back for step 4
 [[ $budget =~ ^[0-9]+$ ]] || { echo "SECONDS must be a whole number, got '$budget'" >&2; exit 2; }
 end=$((SECONDS + budget))
 mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: the script runs from the repository root
@@ -31,6 +33,9 @@ python3 -c 'import torch, composer, streaming; print("torch", torch.__version__,
 
 timeout 90 python3 scripts/bench_attention.py --batch 8 --heads 16 --seq 2048 --head-dim 128 \
   2>&1 | tee "$out/attention.txt"
+
+timeout 150 python3 scripts/benchmark.py yamls/mpt-1b.yaml global_train_batch_size=6 \
+  device_train_microbatch_size=6 --profile /tmp/mpt-train-profile 2>&1 | tee "$out/profile.txt"
 
 python3 scripts/benchmark_table.py yamls/benchmarks/h100.yaml \
   --only mpt-1b mpt-125m mpt-125m-plain mpt-350m mpt-1b-plain mpt-3b-ac mpt-3b mpt-1b-mb8 \

@@ -136,11 +136,22 @@ class SchedulerConfig:
 
 @dataclass
 class GradientClippingConfig:
+    """``implementation``: auto (norm clipping folded into torch's fused AdamW when that is the
+    optimizer, Composer's otherwise) | fused (insist) | composer. See mpt_train.clipping."""
+
     clipping_type: str = "norm"
     clipping_threshold: float = 1.0
+    implementation: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("clipping_type", self.clipping_type, ("norm", "value", "adaptive"))
+        check_choice("implementation", self.implementation, ("auto", "fused", "composer"))
+        if self.implementation == "fused" and self.clipping_type != "norm":
+            raise ConfigError(
+                "implementation",
+                f"'fused' folds a norm clip into the optimizer; clipping_type is "
+                f"{self.clipping_type!r} (use auto or composer)",
+            )
         if self.clipping_threshold <= 0:
             raise ConfigError("clipping_threshold", f"got {self.clipping_threshold}, expected > 0")
 

@@ -259,3 +259,46 @@ def test_profile_busy_time_leaves_out_ranges_that_annotate_other_kernels() -> No
         ev("my_region", 50.0, annotation=True),
     ]
     assert _busy_us(events, "self_device_time_total") == 120.0
+
+
+def test_idle_gaps_name_the_kernels_around_them_and_the_host_work_inside() -> None:
+    """The profile's gap report: kernels that overlap are one busy span, a gap shorter than
+    the threshold is not reported, and each gap lists the outermost host ops inside it
+    (not the annotations around them, and not their child ops)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from mpt_train.idle_gaps import format_gaps, gaps_from_profile
+
+    def ev(name, start, end, device=DeviceType.CPU, parent=None, annotation=False):
+        span = SimpleNamespace(start=start, end=end)
+        return SimpleNamespace(name=name, time_range=span, device_type=device,
+                               cpu_parent=parent, is_user_annotation=annotation)  # fmt: skip
+
+    gpu = DeviceType.CUDA
+    step = ev("ProfilerStep#7", 0, 2000)
+    item = ev("aten::item", 350, 360, parent=step)
+    events = [
+        step,
+        ev("gemm", 0, 300, gpu),
+        ev("flex_fwd", 250, 310, gpu),  # overlaps gemm: busy until 310
+        ev("adamw_kernel", 315, 330, gpu),  # 5 us after: below the threshold
+        item,
+        ev("aten::_local_scalar_dense", 351, 359, parent=item),  # inside item: not counted again
+        ev("aten::copy_", 500, 700),  # H2D copy of the next batch
+        ev("embedding_kernel", 1330, 1400, gpu),  # 1000 us idle after adamw_kernel
+        ev("gemm", 1500, 1600, gpu),  # 100 us idle, no host op inside
+    ]
+    gaps = gaps_from_profile(events, min_us=20.0)
+    assert [(g.before, g.after, g.duration) for g in gaps] == [
+        ("adamw_kernel", "embedding_kernel", 1000.0),
+        ("embedding_kernel", "gemm", 100.0),
+    ]
+    assert gaps[0].host == {"aten::item": 10.0, "aten::copy_": 200.0}
+    assert gaps[1].host == {}
+    text = format_gaps(gaps, steps=1, wall_ms=2.0)
+    first, largest, second = text.splitlines()
+    assert "1.1 ms/step (55% of the step), 2 gaps" in first
+    assert "adamw_kernel -> embedding_kernel" in largest and "aten::copy_ 0.20" in largest
+    assert "host ops 0.00 ms/step" in second

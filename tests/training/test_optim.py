@@ -48,13 +48,13 @@ def test_param_groups_skip_norms_biases_and_embeddings() -> None:
     assert len(groups) == 1
 
 
-@pytest.mark.parametrize("impl", ["foreach", "auto"])
+@pytest.mark.parametrize("impl", ["foreach", "fused", "auto"])
 def test_fast_decoupled_adamw_matches_composer(impl: str) -> None:
     cfg = OptimizerConfig(name="decoupled_adamw", lr=1e-2, weight_decay=1e-3, implementation=impl)
     # No biases (MPT's default): a key bias has an exactly-zero true gradient, whose rounding
     # noise Adam would amplify differently in any two implementations.
     a, b = tiny_model(no_bias=True), tiny_model(no_bias=True)
-    opt_a = build_optimizer(cfg, a)
+    opt_a = build_optimizer(cfg, a, on_gpu=False)
     opt_b = DecoupledAdamW(
         param_groups(b, cfg),
         lr=cfg.lr,
@@ -96,7 +96,7 @@ def test_lion_update_is_sign_of_interpolated_momentum_with_decoupled_decay() -> 
 
 def test_lion_trains_a_model_down() -> None:
     model = tiny_model()
-    opt = build_optimizer(OptimizerConfig(name="decoupled_lionw", lr=3e-3), model)
+    opt = build_optimizer(OptimizerConfig(name="decoupled_lionw", lr=3e-3), model, on_gpu=False)
     x = torch.randint(0, 64, (4, 16))
     first = None
     for _ in range(20):
