@@ -356,8 +356,9 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
     model.fsdp_wrap_fn = lambda module: isinstance(module, MPTBlock)
     model.activation_checkpointing_fn = lambda module: isinstance(module, MPTBlock)
     if cfg.compile.enabled:
-        for block in model.blocks:
-            block.compile(
+        compiled = [*model.blocks, model.loss_head] if cfg.compile.loss else model.blocks
+        for module in compiled:
+            module.compile(
                 backend=cfg.compile.backend,
                 mode=cfg.compile.mode,
                 dynamic=cfg.compile.dynamic,

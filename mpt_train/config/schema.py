@@ -215,6 +215,8 @@ class CompileConfig:
     mode: str | None = None
     dynamic: bool = False
     fullgraph: bool = False
+    # Also compile the loss head (head matmul + cross-entropy, per loss chunk) when enabled.
+    loss: bool = True
 
     def __post_init__(self) -> None:
         if self.mode is not None:

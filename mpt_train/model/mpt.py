@@ -19,7 +19,7 @@ from mpt_train.model.alibi import alibi_slopes
 from mpt_train.model.attention import KVCache, shared_mask
 from mpt_train.model.block import MPTBlock
 from mpt_train.model.config import MPTConfig
-from mpt_train.model.loss import lm_loss
+from mpt_train.model.loss import ChunkLoss, lm_loss
 from mpt_train.model.norm import build_norm
 
 __all__ = ["MPTModel"]
@@ -45,6 +45,7 @@ class MPTModel(nn.Module):
         self.emb_drop = nn.Dropout(cfg.emb_pdrop)
         self.blocks = nn.ModuleList(MPTBlock(cfg) for _ in range(cfg.n_layers))
         self.norm_f = build_norm(cfg.norm_type, cfg.d_model, cfg.norm_eps, not cfg.no_bias)
+        self.loss_head = ChunkLoss()  # no parameters: the head is the tied embedding
         self._warned_sequence_id = False
         self._flops_params: int | None = None
 
@@ -132,7 +133,14 @@ class MPTModel(nn.Module):
         x_BSM = self.norm_f(x_BSM)
 
         if targets is not None:
-            return lm_loss(x_BSM, self.wte.weight, targets, self.cfg.logit_scale, loss_chunk_tokens)
+            return lm_loss(
+                x_BSM,
+                self.wte.weight,
+                targets,
+                self.cfg.logit_scale,
+                loss_chunk_tokens,
+                chunk_loss=self.loss_head,
+            )
         logits_BSV = F.linear(x_BSM, self.wte.weight.to(x_BSM.dtype))
         if self.cfg.logit_scale is not None:
             logits_BSV = logits_BSV * self.cfg.logit_scale

@@ -43,6 +43,36 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients(
         )
 
 
+@pytest.mark.parametrize("chunk", [0, 24])
+def test_compiled_loss_head_traces_once_and_matches_eager(chunk: int) -> None:
+    """``compile.loss``: the head matmul + cross-entropy compiled (as the trainer does, under
+    bf16 autocast, plain or per checkpointed chunk): one graph per chunk shape, no graph break,
+    and the eager loss and gradients. ``aot_eager`` traces as inductor does, without codegen."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    eager, compiled = _model(), _model()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled.loss_head.compile(backend="aot_eager", fullgraph=True)
+    ids = torch.randint(0, 96, (2, 32))
+    targets = torch.where(torch.rand(2, 32) < 0.3, -100, shift_labels({"input_ids": ids}))
+    losses = []
+    for m in (eager, compiled):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(ids, targets=targets, loss_chunk_tokens=chunk)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0])
+    for (name, pa), pb in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, msg=name)
+    assert compiled.loss_head._compiled_call_impl is not None
+    assert not counters["graph_break"]
+    # 64 tokens: one shape unchunked; chunks of 24, 24 and 16 tokens: two shapes.
+    assert counters["stats"]["unique_graphs"] == (1 if chunk == 0 else 2)
+    torch._dynamo.reset()
+
+
 def test_lm_loss_ignores_masked_targets_only() -> None:
     x = torch.randn(1, 4, 8)
     w = torch.randn(10, 8)
@@ -182,8 +212,8 @@ def test_compiled_flex_blocks_trace_whole_once_for_all_layers(
 def test_all_throughput_options_together_train_like_the_plain_path(
     mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The fast path of the pretraining specs (FlexAttention inside compiled blocks, foreach
-    decoupled AdamW, chunked loss, no train metrics, activation checkpointing) against the
+    """The fast path of the pretraining specs (FlexAttention inside compiled blocks, a compiled
+    chunked loss, foreach decoupled AdamW, no train metrics, activation checkpointing) against the
     plainest one (reference attention, eager, Composer's AdamW loop, full logits + metrics)."""
     monkeypatch.chdir(tmp_path)
     plain = {
@@ -203,7 +233,9 @@ def test_all_throughput_options_together_train_like_the_plain_path(
         spec = tiny_spec(mds_dir, run_name=name, max_duration="5ba")
         model = {**spec["model"], **options.pop("model")}
         spec.update(model=model, **options)
-        train(load_config_dict(spec))
+        trainer = train(load_config_dict(spec))
+        loss_head = trainer.state.model.model.loss_head  # compile.loss defaults to true
+        assert (loss_head._compiled_call_impl is not None) == (name == "fast")
         rows = read_metrics(tmp_path / f"runs/{name}/metrics.jsonl")
         losses[name] = [r["loss/train/total"] for r in rows]
     assert len(losses["fast"]) == 5
