@@ -1,14 +1,15 @@
 """Gradient clipping, with norm clipping folded into torch's fused AdamW on GPU.
 
 ``torch.nn.utils.clip_grad_norm_`` (what Composer's ``GradientClipping`` runs) makes two passes
-over the gradients: one for the global norm, one to multiply every gradient by the clip
-coefficient. The second pass is a full read and write of the fp32 gradients (~4 ms per step
-on one H100 at MPT-1B) just before the optimizer reads them again. Torch's fused Adam/AdamW
-kernels already divide each gradient by an optional ``grad_scale`` tensor as they load it (the
-hook GradScaler uses to unscale fp16 gradients), so clipping by norm can hand the kernel
-``max(1, (norm + 1e-6) / max_norm)``: the same update as ``clip_grad_norm_`` (the coefficient is
-divided in rather than multiplied, a difference in the last bit), one pass fewer, and no host
-synchronisation.
+over the gradients: one for the global norm, one that reads and writes every fp32 gradient to
+multiply it by the clip coefficient (3.9 ms per step on one H100 at MPT-1B). Torch's fused
+Adam/AdamW kernels already divide each gradient by an optional ``grad_scale`` tensor as they
+load it (the hook GradScaler uses to unscale fp16 gradients), and then store the divided
+gradient back. So clipping by norm can hand the kernel ``max(1, (norm + 1e-6) / max_norm)``:
+the same update as ``clip_grad_norm_`` (the coefficient is divided in rather than multiplied, a
+difference in the last bit), one read of the gradients and a kernel launch per tensor group
+fewer (the store moves into the optimizer's pass), and no host synchronisation. After the step
+the gradients are the clipped ones, as with Composer's clipping.
 
 ``gradient_clipping.implementation``: ``auto`` folds when it can (norm clipping, an optimizer
 whose step takes ``grad_scale``, no fp16 loss scaling, which owns that hook) and runs Composer's
@@ -103,7 +104,8 @@ def fold_norm_clip(
 
 class FusedNormClipping(Callback):
     """Clips the global gradient norm to ``max_norm`` inside the fused optimizer step, and logs
-    the norm before clipping (``l2_norm/grad_global``, as llm-foundry's optimizer monitor).
+    the norm before clipping as ``l2_norm/grad_preclip`` (the figure Megatron and torchtitan
+    report; NaN or inf on a step whose gradients were, which the loss guard may then skip).
 
     Runs at ``AFTER_TRAIN_BATCH``, where Composer clips; gradients read at that event are the
     unclipped ones. The norm is read back at ``BATCH_END``, after Composer has already waited
@@ -120,5 +122,5 @@ class FusedNormClipping(Callback):
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if self._norm is not None:
-            logger.log_metrics({"l2_norm/grad_global": float(self._norm)})
+            logger.log_metrics({"l2_norm/grad_preclip": float(self._norm)})
             self._norm = None

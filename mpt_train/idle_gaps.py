@@ -5,14 +5,17 @@ read that drains the queue, Python between two launches, a data copy. The kernel
 nothing about them; the timeline does. :func:`idle_gaps` walks the kernels of a
 ``torch.profiler`` run in time order, finds the gaps, and names the kernels on either side
 (where in the step it is) and the host ops that ran inside it (why): a gap full of ops is the
-host doing work the GPU waits for; a gap without ops is Python (trainer, callbacks) that the
-GPU waits for because something before it synchronised.
+host doing work the GPU waits for; a gap without ops is the host in Python (trainer,
+callbacks) or waiting (a DataLoader worker, another thread), named by the profiler's annotated
+ranges around it when there are any.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,12 +30,42 @@ class Gap:
     duration: float
     before: str  # the kernel that ran last
     after: str  # the kernel that ended the gap
-    host: dict[str, float] = field(default_factory=dict)  # top-level host op -> us inside
+    host: dict[str, float] = field(default_factory=dict)  # outermost host op -> us inside
+    # With no host op inside: the annotated ranges around it (DataLoader next, zero_grad, ...),
+    # innermost first, with how long each lasts (us).
+    ranges: dict[str, float] = field(default_factory=dict)
 
 
-def idle_gaps(kernels: Sequence[Span], host_ops: Sequence[Span], min_us: float = 20.0) -> list[Gap]:
+def _overlaps(spans: Sequence[Span]) -> Callable[[float, float], list[tuple[str, float, float]]]:
+    """A function (lo, hi) -> [(name, us of overlap, us the span lasts)] over ``spans``,
+    without a full scan per query: spans sorted by start, and a running maximum of their ends
+    to know when no earlier span can reach back into the query."""
+    ordered = sorted(spans)
+    starts = [s for s, _, _ in ordered]
+    reach = list(itertools.accumulate((e for _, e, _ in ordered), max))
+
+    def query(lo: float, hi: float) -> list[tuple[str, float, float]]:
+        found = []
+        i = bisect.bisect_left(starts, hi) - 1
+        while i >= 0 and reach[i] > lo:
+            start, end, name = ordered[i]
+            overlap = min(end, hi) - max(start, lo)
+            if overlap > 0:
+                found.append((name, overlap, end - start))
+            i -= 1
+        return found
+
+    return query
+
+
+def idle_gaps(
+    kernels: Sequence[Span],
+    host_ops: Sequence[Span],
+    min_us: float = 20.0,
+    ranges: Sequence[Span] = (),
+) -> list[Gap]:
     """Gaps of at least ``min_us`` between device kernels (overlapping kernels merged), each
-    with the host ops overlapping it and how long they overlap."""
+    with the host ops overlapping it (and, when there are none, the ``ranges`` around it)."""
     gaps: list[Gap] = []
     ordered = sorted(kernels)
     if not ordered:
@@ -43,12 +76,14 @@ def idle_gaps(kernels: Sequence[Span], host_ops: Sequence[Span], min_us: float =
             gaps.append(Gap(busy_until, start - busy_until, last, name))
         if end >= busy_until:
             busy_until, last = end, name
+    ops_in, ranges_in = _overlaps(host_ops), _overlaps(ranges)
     for gap in gaps:
         lo, hi = gap.start, gap.start + gap.duration
-        for start, end, name in host_ops:
-            overlap = min(end, hi) - max(start, lo)
-            if overlap > 0:
-                gap.host[name] = gap.host.get(name, 0.0) + overlap
+        for name, overlap, _ in ops_in(lo, hi):
+            gap.host[name] = gap.host.get(name, 0.0) + overlap
+        if not gap.host:  # innermost (shortest) range first
+            for name, _, length in sorted(ranges_in(lo, hi), key=lambda r: r[2]):
+                gap.ranges.setdefault(name, length)
     return gaps
 
 
@@ -72,14 +107,16 @@ def gaps_from_profile(events: Sequence[Any], min_us: float = 20.0) -> list[Gap]:
     the host's outermost ops (on every thread: backward launches from autograd's thread)."""
     from torch.autograd import DeviceType
 
-    kernels, host = [], []
+    kernels, host, ranges = [], [], []
     for e in events:
         span = (e.time_range.start, e.time_range.end, e.name)
         if e.device_type == DeviceType.CUDA and not is_annotation(e):
             kernels.append(span)
+        elif e.device_type == DeviceType.CPU and is_annotation(e):
+            ranges.append(span)
         elif e.device_type == DeviceType.CPU and _outermost_op(e):
             host.append(span)
-    return idle_gaps(kernels, host, min_us)
+    return idle_gaps(kernels, host, min_us, ranges)
 
 
 def _short(name: str, width: int = 48) -> str:
@@ -107,10 +144,18 @@ def format_gaps(gaps: Sequence[Gap], steps: int, wall_ms: float, top: int = 8) -
             for name, us in g.host.items():
                 host[name] += us
         in_ops = sum(host.values()) / 1e3 / steps
-        ops = ", ".join(
+        parts = [
             f"{_short(n, 40)} {us / 1e3 / steps:.2f}"
             for n, us in sorted(host.items(), key=lambda kv: -kv[1])[:4]
-        )
+        ]
+        around: dict[str, float] = {}
+        for g in group:
+            for name, length in g.ranges.items():
+                around[name] = min(length, around.get(name, length))
+        if around:
+            inner = sorted(around, key=lambda n: around[n])[:2]
+            parts.append("inside " + ", ".join(_short(n, 40) for n in inner))
+        ops = "; ".join(parts)
         each = sum(g.duration for g in group) / 1e3 / len(group)
         lines.append(
             f"  {ms:6.2f} ms/step ({len(group)} x {each:.2f} ms) after {_short(before)} -> "

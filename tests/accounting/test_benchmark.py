@@ -288,7 +288,8 @@ def test_idle_gaps_name_the_kernels_around_them_and_the_host_work_inside() -> No
         ev("aten::_local_scalar_dense", 351, 359, parent=item),  # inside item: not counted again
         ev("aten::copy_", 500, 700),  # H2D copy of the next batch
         ev("embedding_kernel", 1330, 1400, gpu),  # 1000 us idle after adamw_kernel
-        ev("gemm", 1500, 1600, gpu),  # 100 us idle, no host op inside
+        ev("gemm", 1500, 1600, gpu),  # 100 us idle, no host op inside: only a range around it
+        ev("enumerate(DataLoader)#_MultiProcessingDataLoaderIter.__next__", 1410, 1590),
     ]
     gaps = gaps_from_profile(events, min_us=20.0)
     assert [(g.before, g.after, g.duration) for g in gaps] == [
@@ -296,9 +297,13 @@ def test_idle_gaps_name_the_kernels_around_them_and_the_host_work_inside() -> No
         ("embedding_kernel", "gemm", 100.0),
     ]
     assert gaps[0].host == {"aten::item": 10.0, "aten::copy_": 200.0}
+    assert gaps[0].ranges == {}  # host ops explain it; the step range around it is not listed
     assert gaps[1].host == {}
+    assert list(gaps[1].ranges) == [  # innermost first
+        "enumerate(DataLoader)#_MultiProcessingDataLoaderIter.__next__", "ProfilerStep#7",
+    ]  # fmt: skip
     text = format_gaps(gaps, steps=1, wall_ms=2.0)
     first, largest, second = text.splitlines()
     assert "1.1 ms/step (55% of the step), 2 gaps" in first
     assert "adamw_kernel -> embedding_kernel" in largest and "aten::copy_ 0.20" in largest
-    assert "host ops 0.00 ms/step" in second
+    assert "host ops 0.00 ms/step: inside enumerate(DataLoader)#" in second

@@ -47,11 +47,18 @@ def test_folded_clip_updates_like_clip_grad_norm_then_step() -> None:
 
 
 def test_folded_clip_leaves_the_update_alone_below_the_threshold() -> None:
-    p = torch.nn.Parameter(torch.ones(4))
-    p.grad = torch.full((4,), 0.1)
-    opt = torch.optim.AdamW([p], lr=1.0, fused=True)
-    fold_norm_clip([p], [opt], max_norm=1.0)
-    assert opt.grad_scale.item() == 1.0  # norm 0.2 < 1: divided by one
+    """Norm 0.2 under a threshold of 1: the step is exactly the unclipped one."""
+    updated = []
+    for fold in (True, False):
+        p = torch.nn.Parameter(torch.ones(4))
+        p.grad = torch.full((4,), 0.1)
+        opt = torch.optim.AdamW([p], lr=0.5, fused=True)
+        if fold:
+            fold_norm_clip([p], [opt], max_norm=1.0)
+            assert opt.grad_scale.item() == 1.0
+        opt.step()
+        updated.append(p.detach().clone())
+    assert torch.equal(updated[0], updated[1]) and not torch.equal(updated[0], torch.ones(4))
 
 
 def _losses(path: Path) -> list[float]:
@@ -62,21 +69,26 @@ def test_trainer_folds_clipping_into_fused_adamw_and_logs_the_norm(
     mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    losses, norms = {}, {}
-    for impl in ("auto", "composer"):
+    losses, norms, weights = {}, {}, {}
+    for impl in ("auto", "composer", "none"):
         clip = {"clipping_threshold": 0.05, "implementation": impl}
         spec = tiny_spec(mds_dir, run_name=impl, max_duration="4ba", optimizer=FUSED,
-                         gradient_clipping=clip)  # fmt: skip
+                         gradient_clipping=None if impl == "none" else clip)  # fmt: skip
         trainer = train(load_config_dict(spec))
         folded = [c for c in trainer.state.callbacks if isinstance(c, FusedNormClipping)]
         composer_clip = [a for a in trainer.state.algorithms if isinstance(a, GradientClipping)]
-        assert (len(folded), len(composer_clip)) == ((1, 0) if impl == "auto" else (0, 1))
+        expected = {"auto": (1, 0), "composer": (0, 1), "none": (0, 0)}[impl]
+        assert (len(folded), len(composer_clip)) == expected
         rows = read_metrics(tmp_path / f"runs/{impl}/metrics.jsonl")
         losses[impl] = [r["loss/train/total"] for r in rows]
-        norms[impl] = [r.get("l2_norm/grad_global") for r in rows]
+        norms[impl] = [r.get("l2_norm/grad_preclip") for r in rows]
+        weights[impl] = torch.cat([p.detach().flatten() for p in trainer.state.model.parameters()])
         if impl == "auto":  # the threshold is below the norm: every step was clipped
             assert trainer.state.optimizers[0].grad_scale.item() > 1.0
     assert losses["auto"] == pytest.approx(losses["composer"], rel=1e-5)
+    torch.testing.assert_close(weights["auto"], weights["composer"], rtol=0, atol=1e-6)
+    # Clipping moved the weights by far more than that tolerance: the comparison can tell.
+    assert (weights["none"] - weights["composer"]).abs().max() > 1e-4
     assert len(norms["auto"]) == 4 and all(n > 0.05 for n in norms["auto"])
     assert norms["composer"] == [None] * 4  # Composer's clipping logs no norm
 
@@ -115,8 +127,8 @@ def test_folded_clip_under_fsdp2_uses_the_whole_models_norm(
     run([*composer_cmd(2), str(REPO / "train.py"), str(write_spec(tmp_path / "two.yaml", spec))],
         cwd=tmp_path)  # fmt: skip
     one, two = (read_metrics(tmp_path / f"runs/{n}/metrics.jsonl") for n in ("one", "two"))
-    assert [r["l2_norm/grad_global"] for r in two] == pytest.approx(
-        [r["l2_norm/grad_global"] for r in one], rel=1e-4
+    assert [r["l2_norm/grad_preclip"] for r in two] == pytest.approx(
+        [r["l2_norm/grad_preclip"] for r in one], rel=1e-4
     )
     assert _losses(tmp_path / "runs/two/metrics.jsonl") == pytest.approx(
         _losses(tmp_path / "runs/one/metrics.jsonl"), rel=1e-5

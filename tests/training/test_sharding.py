@@ -50,3 +50,19 @@ def test_one_rank_says_sharding_settings_do_nothing(
         train(load_config_dict(spec))
     [line] = [r.getMessage() for r in caplog.records if "have no effect" in r.getMessage()]
     assert "fsdp.mixed_precision=PURE" in line and "SHARD_GRAD_OP" in line
+
+
+@pytest.mark.parametrize("world, local, needs", [(3, 2, "whole nodes"), (4, 2, "gloo")])
+def test_hybrid_shard_that_cannot_run_is_refused_before_any_mesh(
+    mds_dir: Path, monkeypatch: pytest.MonkeyPatch, world: int, local: int, needs: str
+) -> None:
+    """HYBRID_SHARD needs whole nodes, and on CPU ranks one node (gloo cannot average the
+    replicas): both are said at start, naming the key, not deep in the first backward."""
+    from mpt_train import trainer
+    from mpt_train.config import ConfigError
+
+    monkeypatch.setattr(trainer.dist, "get_world_size", lambda: world)
+    monkeypatch.setattr(trainer.dist, "get_local_world_size", lambda: local)
+    cfg = load_config_dict(tiny_spec(mds_dir, fsdp={"sharding_strategy": "HYBRID_SHARD"}))
+    with pytest.raises(ConfigError, match=rf"fsdp\.sharding_strategy.*{needs}"):
+        trainer._parallelism(cfg, "cpu")
