@@ -123,19 +123,18 @@ class StepProfiler(Callback):
         """Per-step wall and device time, and the ``top`` ops by self time (device first)."""
         if self.prof is None or not self.steps:
             return "profile: no step was profiled"
-        events = self.prof.key_averages()
+        events = self.prof.events()
         on_gpu = torch.cuda.is_available()
         key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-        busy_ms = _busy_us(self.prof.events(), key) / 1e3 / self.steps
+        busy_ms = _busy_us(events, key) / 1e3 / self.steps
         wall_ms = 1e3 * self.wall / self.steps
         head = f"profile of the last {self.steps} step(s): {wall_ms:.1f} ms/step wall"
         if on_gpu:
             head += f", {busy_ms:.1f} ms/step in GPU kernels ({100 * busy_ms / wall_ms:.0f}% busy)"
-        table = events.table(sort_by=key, row_limit=top)
+        table = self.prof.key_averages().table(sort_by=key, row_limit=top)
         out = f"{head}\ntrace: {self.trace_path()}\n{table}"
         if on_gpu:
-            gaps = gaps_from_profile(self.prof.events())
-            out += "\n" + format_gaps(gaps, self.steps, wall_ms)
+            out += "\n" + format_gaps(gaps_from_profile(events), self.steps, wall_ms)
         return out
 
 

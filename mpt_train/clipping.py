@@ -19,7 +19,6 @@ otherwise; ``fused`` insists (a spec that cannot is refused before training star
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 import torch
@@ -34,8 +33,6 @@ from mpt_train.errors import ConfigError
 from mpt_train.optim import adamw_kernel
 
 __all__ = ["FusedNormClipping", "build_gradient_clipping", "fold_norm_clip", "why_not_fused"]
-
-log = logging.getLogger(__name__)
 
 
 def why_not_fused(

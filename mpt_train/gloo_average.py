@@ -38,16 +38,14 @@ class GlooGradientAverage(Callback):
 
     def __init__(self, shard_group: tdist.ProcessGroup | None = None) -> None:
         self.shard_group = shard_group
-        self.factor = 1.0
 
     def fit_start(self, state: State, logger: Logger) -> None:
         modules = [m for m in state.model.modules() if isinstance(m, FSDPModule)]
         if not modules or tdist.get_backend(self.shard_group) != "gloo":
             return
-        self.factor = reduce_scatter_avg_overcount(self.shard_group)
-        if self.factor == 1.0:
+        factor = reduce_scatter_avg_overcount(self.shard_group)
+        if factor == 1.0:
             return
-        factor = self.factor
 
         def average(reduce_output: torch.Tensor) -> None:
             reduce_output.div_(factor)
