@@ -1,10 +1,13 @@
 """Forward+backward time of each attention kernel at one shape, side by side.
 
-Rows: ``torch`` (reference, ALiBi), ``sdpa+alibi`` (additive ALiBi+causal mask),
-``sdpa causal`` (``is_causal``, no ALiBi: the floor ALiBi costs are measured against),
-``flex+alibi`` (FlexAttention, ALiBi score_mod, compiled), ``flex+alibi eager`` when compiling
-is impossible here, and ``flash+alibi`` when flash-attn is importable on a GPU. Every row runs
-the kernel mpt_train.model uses, and its output is checked against the torch reference.
+Rows: ``torch`` (reference, ALiBi), ``sdpa+alibi folded`` (ALiBi folded into the heads,
+``is_causal``: impl ``sdpa``), ``sdpa+alibi dense bias`` (SDPA given an additive [H, S, S]
+ALiBi + causal mask, for comparison), ``sdpa causal`` (``is_causal``, no ALiBi: the floor ALiBi
+costs are measured against), ``flex+alibi`` (FlexAttention, ALiBi score_mod, compiled),
+``flex+alibi eager`` when compiling is impossible here, and ``flash+alibi`` when flash-attn is
+importable on a GPU. On a GPU the folded and causal rows are repeated with each SDPA kernel
+forced first (``[flash]``, ``[cudnn]``, ``[efficient]``: ``attn_config.sdpa_backends``).
+Every row's output is checked against the torch reference.
 
     python scripts/bench_attention.py --batch 2 --heads 4 --seq 256 --head-dim 32 --device cpu
 """
@@ -20,8 +23,9 @@ import warnings
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
-from mpt_train.model.alibi import alibi_slopes
+from mpt_train.model.alibi import alibi_bias, alibi_slopes
 from mpt_train.model.attention import attend, check_attention_impl
 from mpt_train.model.flex import flex_attend
 
@@ -58,6 +62,15 @@ def time_fwd_bwd(
     return sorted(times)[len(times) // 2]
 
 
+def _dense_bias_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, scale: float
+) -> torch.Tensor:
+    seq = q.shape[2]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+    bias = alibi_bias(slopes, seq, seq).to(q.dtype).masked_fill(~causal, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None], scale=scale)
+
+
 def kernels(
     heads: int,
     scale: float,
@@ -70,7 +83,10 @@ def kernels(
         "torch+alibi": lambda q, k, v: attend(
             "torch", q, k, v, slopes_H=slopes, softmax_scale=scale
         ),
-        "sdpa+alibi": lambda q, k, v: attend("sdpa", q, k, v, slopes_H=slopes, softmax_scale=scale),
+        "sdpa+alibi folded": lambda q, k, v: attend(
+            "sdpa", q, k, v, slopes_H=slopes, softmax_scale=scale
+        ),
+        "sdpa+alibi dense bias": functools.partial(_dense_bias_sdpa, slopes=slopes, scale=scale),
         "sdpa causal (no alibi)": lambda q, k, v: attend(
             "sdpa", q, k, v, slopes_H=None, softmax_scale=scale
         ),
@@ -81,6 +97,13 @@ def kernels(
             q, k, v, slopes_H=slopes, softmax_scale=scale, compiled=False
         ),
     }
+    for backend in ("flash", "cudnn", "efficient") if device.type == "cuda" else ():
+        rows[f"sdpa+alibi folded [{backend}]"] = functools.partial(
+            attend, "sdpa", slopes_H=slopes, softmax_scale=scale, sdpa_backends=[backend]
+        )
+        rows[f"sdpa causal (no alibi) [{backend}]"] = functools.partial(
+            attend, "sdpa", slopes_H=None, softmax_scale=scale, sdpa_backends=[backend]
+        )
     for mode in flex_modes:
         # As inside a per-block compiled model: the surrounding compile's mode decides the
         # FlexAttention kernel (max-autotune searches its block sizes; compile.mode in a spec).
@@ -166,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             with torch.no_grad():
                 out = fn(q, k, v).float()
-            if name != "sdpa causal (no alibi)":
+            if not name.startswith("sdpa causal (no alibi)"):
                 err = (out - ref).abs().max().item()
                 tol = 1e-3 if dtype == torch.float32 else 5e-2
                 if err > tol:

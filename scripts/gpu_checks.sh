@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The checks a CPU-only CI cannot run, in one go on a GPU node, most important first, inside a
 # time budget (a short reservation):   bash scripts/gpu_checks.sh OUT_DIR [SECONDS=540]
-#   1. attention alone: FlexAttention with ALiBi against SDPA's causal kernel (each checked
-#      against the reference first), the ratio ALiBi costs;
+#   1. attention alone: FlexAttention with ALiBi and SDPA with ALiBi folded into the heads (on
+#      each SDPA kernel) against SDPA's causal kernel (each checked against the reference
+#      first), the ratio ALiBi costs;
 #   2. MPT-1B profiled (--profile): the kernels that take the time and the gaps where the GPU
 #      waits, with the host ops inside them;
-#   3. the single-H100 table (yamls/benchmarks/h100.yaml) through the real trainer: mpt-1b, the
-#      125m spec with every throughput option and without (its losses compared step by step),
-#      350m, 1b without options, 3b with activation checkpointing, 3b, then 1b with larger
-#      batches; rows left when the time is spent are listed as not run;
+#   3. the single-H100 table (yamls/benchmarks/h100.yaml) through the real trainer: mpt-1b on
+#      FlexAttention and on folded SDPA, 1b with accumulation as its spec trains, the 125m spec
+#      with every throughput option and without (its losses compared step by step), 350m, 1b
+#      without options, 3b with activation checkpointing, 3b, then 1b with larger batches and
+#      on cuDNN; rows left when the time is spent are listed as not run;
 #   4. the GPU-only tests.
 # OUT_DIR gets gpu.txt, attention.txt, profile.txt, table.txt, rows.json, losses.txt, tests.txt and logs/
 # (each row's whole output).
@@ -46,8 +48,8 @@ else
 fi
 
 python3 scripts/benchmark_table.py yamls/benchmarks/h100.yaml \
-  --only mpt-1b mpt-125m mpt-125m-plain mpt-350m mpt-1b-plain mpt-3b-ac mpt-3b mpt-1b-mb8 \
-    mpt-1b-accum8 mpt-1b-mb10 \
+  --only mpt-1b mpt-1b-sdpa mpt-1b-accum8 mpt-125m mpt-125m-plain mpt-350m mpt-1b-plain \
+    mpt-3b-ac mpt-3b mpt-1b-mb8 mpt-1b-mb10 mpt-1b-sdpa-cudnn \
   --budget-s $(( (end - SECONDS - tests_s) > 0 ? end - SECONDS - tests_s : 0 )) --json "$out/rows.json" --logs "$out/logs" \
   2>&1 | tee "$out/table.txt"
 

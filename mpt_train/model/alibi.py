@@ -8,7 +8,12 @@ entries then the even ones and truncates to n_heads (llm-foundry ``gen_slopes``,
 that differs from ``k_pos - q_pos`` by a per-row constant, which softmax ignores, and the
 relative form is what a kernel ``score_mod`` can compute from (q_idx, kv_idx) alone.
 
-Legend: H heads, Q query length, K key length.
+For the same reason the bias can be moved into the dot product itself (:func:`fold_alibi`):
+``slope_h * k_pos`` is a product of a per-head and a per-key number, i.e. one more column in
+q and in k. Plain causal attention over the widened heads is then ALiBi attention, and SDPA
+keeps its flash kernels instead of reading an ``[H, Q, K]`` bias from memory.
+
+Legend: B batch, H query heads, G key/value heads, Q query length, K key length, D head dim.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["alibi_bias", "alibi_slopes"]
+__all__ = ["alibi_bias", "alibi_slopes", "fold_alibi"]
 
 
 def alibi_slopes(
@@ -41,3 +47,55 @@ def alibi_bias(slopes_H: torch.Tensor, q_len: int, k_len: int, q_offset: int = 0
     k_pos = torch.arange(k_len, device=slopes_H.device)
     rel_QK = (k_pos[None, :] - q_pos[:, None]).to(slopes_H.dtype)
     return slopes_H[:, None, None] * rel_QK[None]
+
+
+def fold_alibi(
+    q_BHQD: torch.Tensor,
+    k_BGKD: torch.Tensor,
+    v_BGKD: torch.Tensor,
+    slopes_H: torch.Tensor,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Widen the heads so that ``softmax_scale * q'.k' = softmax_scale * q.k + slope_h * k_pos``.
+
+    Returns q', k', v' with head dim D' (D plus the extra columns, rounded up to a multiple of
+    8 as the fused SDPA kernels want; v is zero-padded, so ``out'[..., :D]`` is the output).
+    The bias must survive the input dtype exactly: bf16 holds integers only up to 256 and a
+    slope to 3 significant digits. So each key position is written as base-2^p digits (p the
+    dtype's significand bits) and each ``slope / scale`` as a sum of up to three dtype-exact
+    parts; every product part x digit is then exact and the kernel's fp32 accumulator adds
+    them up (the error is fp32 rounding of a score, ~1e-7 relative). Kernels that score in
+    the input dtype would lose this; SDPA's fused kernels accumulate in fp32 and its math
+    kernel upcasts half precision (torch >= 2.5).
+    """
+    batch, n_heads, q_len, head_dim = q_BHQD.shape
+    n_kv, k_len = k_BGKD.shape[1], k_BGKD.shape[2]
+    dtype, device = q_BHQD.dtype, q_BHQD.device
+    bits = round(-math.log2(torch.finfo(dtype).eps)) + 1  # integers to 2**bits are exact
+    base = 2**bits
+    n_parts = math.ceil(24 / bits)  # enough dtype-exact parts to carry an fp32 value
+    n_digits = 1
+    while base**n_digits < k_len:
+        n_digits += 1
+    # Slopes are at most 1 (alibi_bias_max > 0): bound the largest column without a device sync.
+    if base ** (n_digits - 1) / softmax_scale >= torch.finfo(dtype).max:
+        raise ValueError(f"{k_len} key positions are too many to fold ALiBi into {dtype} heads")
+    rest = slopes_H.float() / softmax_scale
+    parts = []
+    for _ in range(n_parts):
+        parts.append(rest.to(dtype))
+        rest = rest - parts[-1].float()
+    # Column (digit i, part p): q holds part_p * base**i (a power-of-two shift: still exact),
+    # k holds digit i of the key position.
+    q_cols = torch.stack([p.float() * base**i for i in range(n_digits) for p in parts], -1)
+    pos = torch.arange(k_len, device=device)
+    k_cols = torch.stack([(pos // base**i) % base for i in range(n_digits) for _ in parts], -1)
+    q_cols = q_cols.to(dtype)
+    n_extra = q_cols.shape[-1]
+    pad = -(head_dim + n_extra) % 8
+    q_extra = F.pad(q_cols, (0, pad))[None, :, None, :].expand(batch, n_heads, q_len, -1)
+    k_extra = F.pad(k_cols.to(dtype), (0, pad))[None, None].expand(batch, n_kv, k_len, -1)
+    q_wide = torch.cat([q_BHQD, q_extra], dim=-1)
+    k_wide = torch.cat([k_BGKD, k_extra], dim=-1)
+    v_wide = F.pad(v_BGKD, (0, n_extra + pad))
+    return q_wide, k_wide, v_wide

@@ -3,8 +3,10 @@ and four kernels that all apply the same causal mask, ALiBi bias and document ma
 
 Kernels (``AttentionConfig.impl``, mapped by plain if/else in :func:`attend`):
   * ``torch``  explicit matmul + fp32 softmax; the readable reference.
-  * ``sdpa``   ``F.scaled_dot_product_attention``; ``is_causal`` when there is no bias to add,
-               else an additive ALiBi + mask tensor (which rules out its flash backend).
+  * ``sdpa``   ``F.scaled_dot_product_attention`` with ALiBi folded into the query/key heads
+               (:func:`mpt_train.model.alibi.fold_alibi`), so training stays ``is_causal``
+               on its flash kernels; a boolean mask only for packed documents or a partial
+               query block over a cache.
   * ``flex``   FlexAttention with an ALiBi ``score_mod`` (see :mod:`mpt_train.model.flex`).
   * ``flash``  flash-attn 2 with ``alibi_slopes`` (GPU only, checked at build time).
 Queries are always the last Q positions of the K keys (Q < K while decoding with a cache).
@@ -15,6 +17,7 @@ K key length (past + new), D head dim, M d_model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any
@@ -22,9 +25,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mpt_train.errors import ConfigError
-from mpt_train.model.alibi import alibi_bias, alibi_slopes
+from mpt_train.model.alibi import alibi_bias, alibi_slopes, fold_alibi
 from mpt_train.model.config import MPTConfig
 from mpt_train.model.flex import BlockMask, flex_attend, flex_attention_available, flex_block_mask
 from mpt_train.model.norm import build_norm
@@ -35,7 +39,6 @@ __all__ = [
     "MPTAttention",
     "attend",
     "check_attention_impl",
-    "sdpa_mask",
     "shared_mask",
 ]
 
@@ -44,8 +47,23 @@ logger = logging.getLogger(__name__)
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_BGKD, v_BGKD) of one layer
 
 
-def check_attention_impl(impl: str) -> None:
+_SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def check_attention_impl(impl: str, sdpa_backends: tuple[str, ...] | list[str] = ()) -> None:
     """Fail at build time, not at the first step, when a kernel cannot run here."""
+    cpu_backends = {"flash", "math"}
+    if sdpa_backends and not cpu_backends & set(sdpa_backends) and not torch.cuda.is_available():
+        raise ConfigError(
+            "attn_config.sdpa_backends",
+            f"got {list(sdpa_backends)}, none of which runs without a CUDA GPU; "
+            "on CPU SDPA has flash and math",
+        )
     if impl == "flex":
         reason = flex_attention_available()
         if reason is not None:
@@ -113,39 +131,26 @@ def _sdpa_attend(
     dropout_p: float,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    q_len, k_len = q.shape[2], k.shape[2]
-    if _plain_causal(slopes_H, seq_id_BS, q_len, k_len):
-        # Pure causal: let SDPA pick its flash/efficient kernels (a single query sees all keys).
-        return F.scaled_dot_product_attention(
+    q_len, k_len, head_dim = q.shape[2], k.shape[2], q.shape[3]
+    if slopes_H is not None:
+        q, k, v = fold_alibi(q, k, v, slopes_H, scale)
+    if _plain_causal(seq_id_BS, q_len, k_len):
+        # SDPA aligns is_causal top-left, which is the causal mask only when Q == K; a single
+        # query (decoding) sees every key.
+        out = F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout_p, is_causal=q_len > 1, scale=scale
         )
-    if mask is None:
-        mask = sdpa_mask(slopes_H, q_len, k_len, seq_id_BS, q.dtype, q.device)
-    elif mask.is_floating_point() and mask.dtype != q.dtype:
-        mask = mask.to(q.dtype)  # SDPA needs them equal; the model builds it in q's dtype
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    else:
+        if mask is None:
+            mask = _keep_mask(q_len, k_len, seq_id_BS, q.device)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale
+        )
+    return out[..., :head_dim]
 
 
-def _plain_causal(
-    slopes_H: torch.Tensor | None, seq_id_BS: torch.Tensor | None, q_len: int, k_len: int
-) -> bool:
-    return slopes_H is None and seq_id_BS is None and q_len in (1, k_len)
-
-
-def sdpa_mask(
-    slopes_H: torch.Tensor | None,
-    q_len: int,
-    k_len: int,
-    seq_id_BS: torch.Tensor | None,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> torch.Tensor:
-    """Additive ALiBi + causal (+ document) mask ``[B|1, H|1, Q, K]`` for SDPA."""
-    keep = _keep_mask(q_len, k_len, seq_id_BS, device)
-    if slopes_H is None:
-        return keep
-    bias_HQK = alibi_bias(slopes_H, q_len, k_len, k_len - q_len).to(dtype)
-    return bias_HQK[None].masked_fill(~keep, float("-inf"))
+def _plain_causal(seq_id_BS: torch.Tensor | None, q_len: int, k_len: int) -> bool:
+    return seq_id_BS is None and q_len in (1, k_len)
 
 
 AttnMask = torch.Tensor | BlockMask | None
@@ -153,24 +158,22 @@ AttnMask = torch.Tensor | BlockMask | None
 
 def shared_mask(
     impl: str,
-    slopes_H: torch.Tensor | None,
     q_len: int,
     k_len: int,
     seq_id_BS: torch.Tensor | None,
-    dtype: torch.dtype,
     device: torch.device,
 ) -> AttnMask:
     """The mask every layer of one forward uses, built once by the model, outside the blocks.
 
-    Built per layer, SDPA would save ``n_layers`` copies of an ``[H, S, S]`` mask for backward
-    (MPT-7B at 2k tokens: 32 x 268 MB in bf16), and a compiled block would rebuild it (or a
-    FlexAttention block mask) in every layer. ``None`` where the kernel needs no mask tensor
-    (flash, pure causal SDPA) or builds its own (the ``torch`` reference).
+    A compiled block would otherwise rebuild it (or a FlexAttention block mask) in every
+    layer. ``None`` where the kernel needs no mask (flash, causal SDPA: ALiBi is folded into
+    the heads) or builds its own (the ``torch`` reference). For SDPA it is the boolean
+    ``[B|1, 1, Q, K]`` keep-mask: packed documents, or several new queries over a cache.
     """
     if impl == "flex" and q_len == k_len:
         return flex_block_mask(q_len, seq_id_BS, device)
-    if impl in ("sdpa", "flex") and not _plain_causal(slopes_H, seq_id_BS, q_len, k_len):
-        return sdpa_mask(slopes_H, q_len, k_len, seq_id_BS, dtype, device)
+    if impl in ("sdpa", "flex") and not _plain_causal(seq_id_BS, q_len, k_len):
+        return _keep_mask(q_len, k_len, seq_id_BS, device)
     return None
 
 
@@ -209,12 +212,13 @@ def attend(
     dropout_p: float = 0.0,
     mask: AttnMask = None,
     flex_kernel_options: dict[str, Any] | None = None,
+    sdpa_backends: tuple[str, ...] | list[str] = (),
 ) -> torch.Tensor:
     """Causal attention of Q queries over K >= Q keys with the chosen kernel -> ``[B,H,Q,D]``.
 
     ``seq_id_BS`` (document ids over the K key positions) restricts attention to one document.
     ``mask`` is :func:`shared_mask` for these arguments when the caller has it (built here
-    otherwise).
+    otherwise). ``sdpa_backends`` orders SDPA's kernels (``AttentionConfig.sdpa_backends``).
     """
     n_heads, q_len, k_len = q_BHQD.shape[1], q_BHQD.shape[2], k_BGKD.shape[2]
     if impl == "flash":
@@ -234,9 +238,15 @@ def attend(
     if impl == "torch":
         return _torch_attend(q_BHQD, k_BHKD, v_BHKD, slopes_H, softmax_scale, seq_id_BS, dropout_p)
     if impl in ("sdpa", "flex"):  # flex decode steps (Q < K) would recompile per step
-        return _sdpa_attend(
-            q_BHQD, k_BHKD, v_BHKD, slopes_H, softmax_scale, seq_id_BS, dropout_p, mask
+        priority = (
+            sdpa_kernel([_SDPA_BACKENDS[name] for name in sdpa_backends], set_priority=True)
+            if sdpa_backends
+            else contextlib.nullcontext()
         )
+        with priority:
+            return _sdpa_attend(
+                q_BHQD, k_BHKD, v_BHKD, slopes_H, softmax_scale, seq_id_BS, dropout_p, mask
+            )
     raise ValueError(f"unknown attention impl {impl!r}")  # AttentionConfig validates earlier
 
 
@@ -246,13 +256,14 @@ class MPTAttention(nn.Module):
     def __init__(self, cfg: MPTConfig) -> None:
         super().__init__()
         acfg = cfg.attn_config
-        check_attention_impl(acfg.impl)
+        check_attention_impl(acfg.impl, acfg.sdpa_backends)
         self.impl = acfg.impl
         self.n_heads, self.kv_n_heads, self.head_dim = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
         self.clip_qkv = acfg.clip_qkv
         self.softmax_scale = acfg.softmax_scale or 1.0 / math.sqrt(self.head_dim)
         self.attn_pdrop = acfg.attn_pdrop
         self.flex_kernel_options = dict(acfg.flex_kernel_options)
+        self.sdpa_backends = tuple(acfg.sdpa_backends)
         self.alibi, self.alibi_bias_max = acfg.alibi, acfg.alibi_bias_max
         kv_dim = self.kv_n_heads * self.head_dim
         self.Wqkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=not cfg.no_bias)
@@ -308,6 +319,7 @@ class MPTAttention(nn.Module):
             dropout_p=self.attn_pdrop if self.training else 0.0,
             mask=mask,
             flex_kernel_options=self.flex_kernel_options,
+            sdpa_backends=self.sdpa_backends,
         )
         out_BSM = out_BHSD.transpose(1, 2).reshape(batch, seq_len, d_model)
         return self.out_proj(out_BSM), (k_BGSD, v_BGSD)

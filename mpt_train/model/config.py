@@ -20,6 +20,7 @@ __all__ = [
     "INIT_DEVICES",
     "INIT_NAMES",
     "NORM_TYPES",
+    "SDPA_BACKENDS",
     "AttentionConfig",
     "InitConfig",
     "MPTConfig",
@@ -28,6 +29,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ATTN_IMPLS = ("torch", "sdpa", "flex", "flash")
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
 NORM_TYPES = ("low_precision_layernorm", "layernorm", "rmsnorm")
 INIT_DEVICES = ("cpu", "meta")
 INIT_NAMES = ("kaiming_normal", "normal")
@@ -44,13 +46,15 @@ class AttentionConfig:
     """Attention kernel choice and MPT's attention options.
 
     ``impl`` picks the kernel: ``torch`` (explicit matmul/softmax, the reference), ``sdpa``
-    (``F.scaled_dot_product_attention`` with an additive ALiBi bias), ``flex`` (FlexAttention
+    (``F.scaled_dot_product_attention``, ALiBi folded into the heads), ``flex`` (FlexAttention
     with an ALiBi ``score_mod``, compiled) or ``flash`` (flash-attn, GPU only). ALiBi and
     document masking (``attn_uses_sequence_id``) are applied inside every kernel.
     ``kv_n_heads`` < ``n_heads`` gives grouped-query attention (1 = multi-query).
     ``flex_kernel_options`` go to FlexAttention's generated GPU kernel unchanged (tile sizes,
     warps, stages; see ``scripts/bench_attention.py --flex-options`` to time them); empty keeps
-    torch's choice. They change speed only, never the result.
+    torch's choice. They change speed only, never the result. ``sdpa_backends`` is SDPA's
+    kernel priority for impl ``sdpa`` (``flash``, ``cudnn``, ``efficient``, ``math``; SDPA
+    takes the first that accepts the inputs); empty keeps torch's order.
     """
 
     impl: str = "sdpa"
@@ -63,9 +67,18 @@ class AttentionConfig:
     attn_pdrop: float = 0.0
     attn_uses_sequence_id: bool = False
     flex_kernel_options: dict[str, Any] = field(default_factory=dict)
+    sdpa_backends: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_choice("impl", self.impl, ATTN_IMPLS)
+        for i, name in enumerate(self.sdpa_backends):
+            check_choice(f"sdpa_backends.{i}", name, SDPA_BACKENDS)
+        if len(set(self.sdpa_backends)) != len(self.sdpa_backends):
+            raise ConfigError("sdpa_backends", f"got {list(self.sdpa_backends)}: a backend twice")
+        if self.sdpa_backends and self.impl != "sdpa":
+            raise ConfigError(
+                "sdpa_backends", f"set for impl {self.impl!r}; they only apply to impl 'sdpa'"
+            )
         if self.flex_kernel_options and self.impl != "flex":
             raise ConfigError(
                 "flex_kernel_options",

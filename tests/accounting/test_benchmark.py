@@ -159,10 +159,13 @@ def test_shipped_h100_table_covers_the_sizes_and_loads() -> None:
     assert {"mpt-125m", "mpt-350m", "mpt-1b", "mpt-3b"} <= {r.name for r in table.rows}
     for row in table.rows:  # every row is a valid run spec with its overrides
         cfg = load_config(REPO / row.spec, row.overrides)
-        fast = cfg.compile.enabled and cfg.model.attn_config.impl == "flex"
+        fast = cfg.compile.enabled
         assert fast != row.name.endswith("-plain"), row.name  # baselines have the options off
         if not fast:
             assert cfg.optimizer.implementation == "composer"
+            assert cfg.model.attn_config.impl == "sdpa"
+        elif "-sdpa" not in row.name:
+            assert cfg.model.attn_config.impl == "flex", row.name
 
 
 def test_table_budget_lists_rows_it_has_no_time_for_and_only_sets_the_order(

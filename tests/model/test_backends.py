@@ -116,6 +116,40 @@ def test_flex_kernel_options_from_the_spec_reach_every_flex_call(make_model, mon
     assert seen == [opts] * layers + [None] * layers  # tuned ran first
 
 
+@pytest.mark.parametrize(
+    "backends,kernel",
+    [
+        (["math"], "aten::_scaled_dot_product_attention_math"),
+        (["flash", "math"], "aten::_scaled_dot_product_flash_attention_for_cpu"),
+    ],
+)
+def test_sdpa_backends_decide_the_kernel_and_keep_the_result(make_model, backends, kernel):
+    """``sdpa_backends`` is SDPA's priority list: the first listed kernel that accepts the
+    inputs runs (seen in the profiler), and the result is the reference's."""
+    from torch.profiler import profile
+
+    ref = make_model(attn={"impl": "torch"})
+    model = clone_with(ref, attn={"impl": "sdpa", "sdpa_backends": backends})
+    ids = torch.randint(0, 97, (2, 40))
+    with profile() as prof:
+        out = model(ids)
+    ran = {e.key for e in prof.key_averages()}
+    assert kernel in ran
+    other = {"aten::_scaled_dot_product_attention_math",
+             "aten::_scaled_dot_product_flash_attention_for_cpu"} - {kernel}  # fmt: skip
+    assert not other & ran
+    torch.testing.assert_close(out, ref(ids), **TOL)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
+def test_gpu_only_sdpa_backends_are_refused_at_build_on_cpu(make_model) -> None:
+    from mpt_train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="none of which runs without a CUDA GPU") as info:
+        make_model(attn={"impl": "sdpa", "sdpa_backends": ["cudnn", "efficient"]})
+    assert info.value.key == "attn_config.sdpa_backends"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled FlexAttention needs CUDA here")
 def test_compiled_flex_with_kernel_options_on_gpu_matches_default(make_model) -> None:
@@ -124,6 +158,35 @@ def test_compiled_flex_with_kernel_options_on_gpu_matches_default(make_model) ->
     tuned = clone_with(ref, attn={"impl": "flex", "flex_kernel_options": opts}).cuda()
     ids = torch.randint(0, 97, (2, 256), device="cuda")
     torch.testing.assert_close(tuned(ids), ref(ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="SDPA's GPU kernels need CUDA")
+@pytest.mark.parametrize("backend", ["flash", "cudnn", "efficient"])
+def test_folded_alibi_on_each_gpu_sdpa_kernel_matches_reference(backend: str) -> None:
+    """MPT-1B's head shape at 2k tokens in bf16: the widened heads (128 + 8) through each SDPA
+    kernel give the reference's output and gradients."""
+    torch.manual_seed(0)
+    slopes = alibi_slopes(16, device="cuda")
+    base = [torch.randn(2, 16, 2048, 128, device="cuda") for _ in range(3)]
+    grad = torch.randn(2, 16, 2048, 128, device="cuda")
+
+    def run(impl: str, dtype: torch.dtype, backends: list[str]) -> list[torch.Tensor]:
+        q, k, v = (t.to(dtype).requires_grad_() for t in base)
+        out = attend(impl, q, k, v, slopes_H=slopes, softmax_scale=128**-0.5,
+                     sdpa_backends=backends)  # fmt: skip
+        out.backward(grad.to(dtype))
+        return [t.float() for t in (out, q.grad, k.grad, v.grad)]
+
+    ref = run("torch", torch.float32, [])
+    try:
+        got = run("sdpa", torch.bfloat16, [backend])
+    except RuntimeError as err:
+        if "No available kernel" in str(err):
+            pytest.skip(f"SDPA's {backend} kernel does not take these inputs on this GPU")
+        raise
+    for r, g in zip(ref, got, strict=True):
+        torch.testing.assert_close(g, r, atol=3e-2, rtol=3e-2)
 
 
 def _flash_missing() -> str | None:

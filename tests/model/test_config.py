@@ -42,6 +42,9 @@ BAD_ATTN_FIELDS = [
     ({"attn_pdrop": 1.5}, "attn_pdrop", "[0, 1)"),
     ({"impl": "flex", "attn_pdrop": 0.1}, "attn_pdrop", "flex"),
     ({"impl": "sdpa", "flex_kernel_options": {"BLOCK_M": 64}}, "flex_kernel_options", "'flex'"),
+    ({"sdpa_backends": ["flash", "xformers"]}, "sdpa_backends.1", "flash, cudnn, efficient"),
+    ({"sdpa_backends": ["flash", "flash"]}, "sdpa_backends", "twice"),
+    ({"impl": "flex", "sdpa_backends": ["cudnn"]}, "sdpa_backends", "'sdpa'"),
     (
         {"impl": "flash", "attn_uses_sequence_id": True},
         "attn_uses_sequence_id",
