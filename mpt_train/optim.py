@@ -22,7 +22,13 @@ from composer.optim.scheduler import ComposerScheduler
 from mpt_train.config.schema import OptimizerConfig, SchedulerConfig
 from mpt_train.lion import DecoupledLionW
 
-__all__ = ["adamw_kernel", "build_optimizer", "build_scheduler", "param_groups"]
+__all__ = [
+    "adamw_kernel",
+    "build_optimizer",
+    "build_scheduler",
+    "param_groups",
+    "takes_found_inf",
+]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,15 @@ def adamw_kernel(cfg: OptimizerConfig, on_gpu: bool) -> str | None:
     if cfg.implementation == "auto":
         return "fused" if on_gpu else "foreach"
     return cfg.implementation
+
+
+def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """True for torch's fused Adam/AdamW: its step reads the ``grad_scale`` and ``found_inf``
+    tensors set on the optimizer (GradScaler's hook) and leaves weights, moments and step
+    count untouched where ``found_inf`` is 1, without the host reading anything."""
+    return type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) and all(
+        g.get("fused") for g in optimizer.param_groups
+    )
 
 
 def build_optimizer(

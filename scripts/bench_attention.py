@@ -5,8 +5,8 @@ Rows: ``torch`` (reference, ALiBi), ``sdpa+alibi folded`` (ALiBi folded into the
 ALiBi + causal mask, for comparison), ``sdpa causal`` (``is_causal``, no ALiBi: the floor ALiBi
 costs are measured against), ``flex+alibi`` (FlexAttention, ALiBi score_mod, compiled),
 ``flex+alibi eager`` when compiling is impossible here, and ``flash+alibi`` when flash-attn is
-importable on a GPU. On a GPU the folded and causal rows are repeated with each SDPA kernel
-forced first (``[flash]``, ``[cudnn]``, ``[efficient]``: ``attn_config.sdpa_backends``).
+importable on a GPU. On a GPU the folded and causal rows are repeated with SDPA limited to
+one kernel each (``[flash]``, ``[cudnn]``, ``[efficient]``: ``attn_config.sdpa_backends``).
 Every row's output is checked against the torch reference.
 
     python scripts/bench_attention.py --batch 2 --heads 4 --seq 256 --head-dim 32 --device cpu

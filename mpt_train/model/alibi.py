@@ -18,19 +18,21 @@ Legend: B batch, H query heads, G key/value heads, Q query length, K key length,
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 __all__ = ["alibi_bias", "alibi_slopes", "fold_alibi"]
+
+_BITS = 8  # significant bits per folded column: exact in bf16 and in TF32/bf16 matmuls
 
 
 def alibi_slopes(
     n_heads: int, alibi_bias_max: float = 8, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """Per-head ALiBi slopes, float32 ``[H]``, MPT's ordering for any head count."""
-    n_pow2 = 2 ** math.ceil(math.log2(n_heads))
+    n_pow2 = 1
+    while n_pow2 < n_heads:  # not math.log2: under torch.compile(dynamic=True) n_heads is symbolic
+        n_pow2 *= 2
     exponents = torch.arange(1, n_pow2 + 1, dtype=torch.float32, device=device)
     slopes = 1.0 / torch.pow(2, exponents * (alibi_bias_max / n_pow2))
     if n_pow2 != n_heads:
@@ -60,20 +62,21 @@ def fold_alibi(
 
     Returns q', k', v' with head dim D' (D plus the extra columns, rounded up to a multiple of
     8 as the fused SDPA kernels want; v is zero-padded, so ``out'[..., :D]`` is the output).
-    The bias must survive the input dtype exactly: bf16 holds integers only up to 256 and a
-    slope to 3 significant digits. So each key position is written as base-2^p digits (p the
-    dtype's significand bits) and each ``slope / scale`` as a sum of up to three dtype-exact
-    parts; every product part x digit is then exact and the kernel's fp32 accumulator adds
-    them up (the error is fp32 rounding of a score, ~1e-7 relative). Kernels that score in
-    the input dtype would lose this; SDPA's fused kernels accumulate in fp32 and its math
-    kernel upcasts half precision (torch >= 2.5).
+    The bias must survive the matmul exactly: bf16 holds integers only up to 256 and a slope to
+    3 significant digits, and fp32 matmuls may round their inputs to TF32 (11 bits) or bf16.
+    So each key position is written as base-256 digits and each ``slope / scale`` as a sum of
+    three 8-bit parts: every column holds at most 8 significant bits, every product part x
+    digit is exact in any of these modes, and the kernel's fp32 accumulator adds them up. Its
+    rounding is relative to the largest term, ``slope * k_pos``: ~1e-7 of slope x K, a few
+    1e-3 of a logit at 65k tokens with MPT's steepest slope. A kernel that adds scores in
+    bf16 would lose the bias; SDPA's fused kernels accumulate in fp32 and its math kernel
+    upcasts half precision unless told otherwise (refused by ``check_attention_impl``).
     """
     batch, n_heads, q_len, head_dim = q_BHQD.shape
     n_kv, k_len = k_BGKD.shape[1], k_BGKD.shape[2]
     dtype, device = q_BHQD.dtype, q_BHQD.device
-    bits = round(-math.log2(torch.finfo(dtype).eps)) + 1  # integers to 2**bits are exact
-    base = 2**bits
-    n_parts = math.ceil(24 / bits)  # enough dtype-exact parts to carry an fp32 value
+    base = 2**_BITS
+    n_parts = 3  # 3 x 8 bits carry an fp32 slope
     n_digits = 1
     while base**n_digits < k_len:
         n_digits += 1
@@ -83,11 +86,11 @@ def fold_alibi(
     rest = slopes_H.float() / softmax_scale
     parts = []
     for _ in range(n_parts):
-        parts.append(rest.to(dtype))
-        rest = rest - parts[-1].float()
+        parts.append(rest.to(torch.bfloat16).float())  # the leading 8 bits
+        rest = rest - parts[-1]
     # Column (digit i, part p): q holds part_p * base**i (a power-of-two shift: still exact),
     # k holds digit i of the key position.
-    q_cols = torch.stack([p.float() * base**i for i in range(n_digits) for p in parts], -1)
+    q_cols = torch.stack([p * base**i for i in range(n_digits) for p in parts], -1)
     pos = torch.arange(k_len, device=device)
     k_cols = torch.stack([(pos // base**i) % base for i in range(n_digits) for _ in parts], -1)
     q_cols = q_cols.to(dtype)

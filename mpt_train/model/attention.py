@@ -5,8 +5,8 @@ Kernels (``AttentionConfig.impl``, mapped by plain if/else in :func:`attend`):
   * ``torch``  explicit matmul + fp32 softmax; the readable reference.
   * ``sdpa``   ``F.scaled_dot_product_attention`` with ALiBi folded into the query/key heads
                (:func:`mpt_train.model.alibi.fold_alibi`), so training stays ``is_causal``
-               on its flash kernels; a boolean mask only for packed documents or a partial
-               query block over a cache.
+               on its flash kernels; a mask only for packed documents, and an ALiBi bias
+               while decoding over a cache.
   * ``flex``   FlexAttention with an ALiBi ``score_mod`` (see :mod:`mpt_train.model.flex`).
   * ``flash``  flash-attn 2 with ``alibi_slopes`` (GPU only, checked at build time).
 Queries are always the last Q positions of the K keys (Q < K while decoding with a cache).
@@ -39,6 +39,7 @@ __all__ = [
     "MPTAttention",
     "attend",
     "check_attention_impl",
+    "sdpa_mask",
     "shared_mask",
 ]
 
@@ -57,6 +58,13 @@ _SDPA_BACKENDS = {
 
 def check_attention_impl(impl: str, sdpa_backends: tuple[str, ...] | list[str] = ()) -> None:
     """Fail at build time, not at the first step, when a kernel cannot run here."""
+    if impl == "sdpa" and torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed():
+        raise ConfigError(
+            "attn_config.impl",
+            "'sdpa' folds ALiBi into the heads, which needs SDPA to add up scores in fp32; "
+            "torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True) is set, which lets "
+            "its math kernel add them in bf16/fp16. Unset it or use impl flex/torch",
+        )
     cpu_backends = {"flash", "math"}
     if sdpa_backends and not cpu_backends & set(sdpa_backends) and not torch.cuda.is_available():
         raise ConfigError(
@@ -132,25 +140,61 @@ def _sdpa_attend(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     q_len, k_len, head_dim = q.shape[2], k.shape[2], q.shape[3]
-    if slopes_H is not None:
+    fold = _folds_alibi(slopes_H, q_len, k_len)
+    if fold:
         q, k, v = fold_alibi(q, k, v, slopes_H, scale)
-    if _plain_causal(seq_id_BS, q_len, k_len):
-        # SDPA aligns is_causal top-left, which is the causal mask only when Q == K; a single
-        # query (decoding) sees every key.
+    # SDPA aligns is_causal top-left: the causal mask when Q == K. (Branches, not
+    # is_causal=<expression>: under torch.compile with dynamic shapes that would be symbolic.)
+    if seq_id_BS is None and q_len == k_len:
         out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout_p, is_causal=q_len > 1, scale=scale
+            q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale
+        )
+    elif not _needs_mask(slopes_H, seq_id_BS, q_len, k_len):  # one query, no bias: all keys
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=False, scale=scale
         )
     else:
         if mask is None:
-            mask = _keep_mask(q_len, k_len, seq_id_BS, q.device)
+            bias = None if fold else slopes_H
+            mask = sdpa_mask(bias, q_len, k_len, seq_id_BS, q.dtype, q.device)
+        elif mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)  # SDPA needs them equal; the model builds it in q's dtype
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale
         )
-    return out[..., :head_dim]
+    return out[..., :head_dim] if fold else out
 
 
-def _plain_causal(seq_id_BS: torch.Tensor | None, q_len: int, k_len: int) -> bool:
-    return seq_id_BS is None and q_len in (1, k_len)
+def _folds_alibi(slopes_H: torch.Tensor | None, q_len: int, k_len: int) -> bool:
+    """ALiBi goes into the heads for whole sequences (training, a prompt). Decoding over a
+    cache adds it as an ``[H, Q, K]`` bias instead: small for a few queries, where widening
+    would copy every cached key of every layer for each new token."""
+    return slopes_H is not None and q_len == k_len
+
+
+def _needs_mask(
+    slopes_H: torch.Tensor | None, seq_id_BS: torch.Tensor | None, q_len: int, k_len: int
+) -> bool:
+    plain = q_len == k_len or (q_len == 1 and slopes_H is None)
+    return seq_id_BS is not None or not plain
+
+
+def sdpa_mask(
+    slopes_H: torch.Tensor | None,
+    q_len: int,
+    k_len: int,
+    seq_id_BS: torch.Tensor | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """Additive causal (+ document) mask ``[B|1, 1, Q, K]``, plus the ALiBi bias
+    ``[B|1, H, Q, K]`` when ``slopes_H`` is given. Additive in the queries' dtype rather than
+    boolean: SDPA would otherwise convert a boolean mask in every layer and save each copy."""
+    keep = _keep_mask(q_len, k_len, seq_id_BS, device)
+    if slopes_H is None:
+        return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, -math.inf)
+    bias_HQK = alibi_bias(slopes_H, q_len, k_len, k_len - q_len).to(dtype)
+    return bias_HQK[None].masked_fill(~keep, -math.inf)
 
 
 AttnMask = torch.Tensor | BlockMask | None
@@ -158,22 +202,25 @@ AttnMask = torch.Tensor | BlockMask | None
 
 def shared_mask(
     impl: str,
+    slopes_H: torch.Tensor | None,
     q_len: int,
     k_len: int,
     seq_id_BS: torch.Tensor | None,
+    dtype: torch.dtype,
     device: torch.device,
 ) -> AttnMask:
     """The mask every layer of one forward uses, built once by the model, outside the blocks.
 
-    A compiled block would otherwise rebuild it (or a FlexAttention block mask) in every
-    layer. ``None`` where the kernel needs no mask (flash, causal SDPA: ALiBi is folded into
-    the heads) or builds its own (the ``torch`` reference). For SDPA it is the boolean
-    ``[B|1, 1, Q, K]`` keep-mask: packed documents, or several new queries over a cache.
+    Built per layer, a compiled block would rebuild it (or a FlexAttention block mask) in every
+    layer, and SDPA would save a copy per layer for backward. ``None`` where the kernel needs
+    none (flash; SDPA over whole sequences without documents: causal, ALiBi in the heads) or
+    builds its own (the ``torch`` reference).
     """
     if impl == "flex" and q_len == k_len:
         return flex_block_mask(q_len, seq_id_BS, device)
-    if impl in ("sdpa", "flex") and not _plain_causal(seq_id_BS, q_len, k_len):
-        return _keep_mask(q_len, k_len, seq_id_BS, device)
+    if impl in ("sdpa", "flex") and _needs_mask(slopes_H, seq_id_BS, q_len, k_len):
+        bias = None if _folds_alibi(slopes_H, q_len, k_len) else slopes_H
+        return sdpa_mask(bias, q_len, k_len, seq_id_BS, dtype, device)
     return None
 
 
@@ -218,7 +265,7 @@ def attend(
 
     ``seq_id_BS`` (document ids over the K key positions) restricts attention to one document.
     ``mask`` is :func:`shared_mask` for these arguments when the caller has it (built here
-    otherwise). ``sdpa_backends`` orders SDPA's kernels (``AttentionConfig.sdpa_backends``).
+    otherwise). ``sdpa_backends`` are the SDPA kernels allowed (``AttentionConfig.sdpa_backends``).
     """
     n_heads, q_len, k_len = q_BHQD.shape[1], q_BHQD.shape[2], k_BGKD.shape[2]
     if impl == "flash":
@@ -238,12 +285,12 @@ def attend(
     if impl == "torch":
         return _torch_attend(q_BHQD, k_BHKD, v_BHKD, slopes_H, softmax_scale, seq_id_BS, dropout_p)
     if impl in ("sdpa", "flex"):  # flex decode steps (Q < K) would recompile per step
-        priority = (
-            sdpa_kernel([_SDPA_BACKENDS[name] for name in sdpa_backends], set_priority=True)
+        allowed = (
+            sdpa_kernel([_SDPA_BACKENDS[name] for name in sdpa_backends])
             if sdpa_backends
             else contextlib.nullcontext()
         )
-        with priority:
+        with allowed:
             return _sdpa_attend(
                 q_BHQD, k_BHKD, v_BHKD, slopes_H, softmax_scale, seq_id_BS, dropout_p, mask
             )

@@ -52,9 +52,11 @@ class AttentionConfig:
     ``kv_n_heads`` < ``n_heads`` gives grouped-query attention (1 = multi-query).
     ``flex_kernel_options`` go to FlexAttention's generated GPU kernel unchanged (tile sizes,
     warps, stages; see ``scripts/bench_attention.py --flex-options`` to time them); empty keeps
-    torch's choice. They change speed only, never the result. ``sdpa_backends`` is SDPA's
-    kernel priority for impl ``sdpa`` (``flash``, ``cudnn``, ``efficient``, ``math``; SDPA
-    takes the first that accepts the inputs); empty keeps torch's order.
+    torch's choice. They change speed only, never the result. ``sdpa_backends`` are the SDPA
+    kernels impl ``sdpa`` may use (``flash``, ``cudnn``, ``efficient``, ``math``; SDPA takes the
+    first of them in torch's own order that accepts the inputs, the others are off); empty
+    allows all. Packed documents (``attn_uses_sequence_id``) need a mask, which only
+    ``efficient`` and ``math`` take.
     """
 
     impl: str = "sdpa"
@@ -78,6 +80,17 @@ class AttentionConfig:
         if self.sdpa_backends and self.impl != "sdpa":
             raise ConfigError(
                 "sdpa_backends", f"set for impl {self.impl!r}; they only apply to impl 'sdpa'"
+            )
+        masked = {"efficient", "math"}
+        if (
+            self.sdpa_backends
+            and self.attn_uses_sequence_id
+            and not masked & set(self.sdpa_backends)
+        ):
+            raise ConfigError(
+                "sdpa_backends",
+                f"got {list(self.sdpa_backends)} with attn_uses_sequence_id: packed documents "
+                "need a mask, which only the efficient and math kernels take; add one of them",
             )
         if self.flex_kernel_options and self.impl != "flex":
             raise ConfigError(

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpt_train.model.alibi import alibi_slopes
 from mpt_train.model.attention import KVCache, shared_mask
 from mpt_train.model.block import MPTBlock
 from mpt_train.model.config import MPTConfig
@@ -24,6 +25,13 @@ from mpt_train.model.norm import build_norm
 __all__ = ["MPTModel"]
 
 logger = logging.getLogger(__name__)
+
+
+def _attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype queries will have: autocast's when it is on, else the activations'."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class MPTModel(nn.Module):
@@ -40,6 +48,13 @@ class MPTModel(nn.Module):
         self.loss_head = ChunkLoss()  # no parameters: the head is the tied embedding
         self._warned_sequence_id = False
         self._flops_params: int | None = None
+
+    def alibi_slopes(self, device: torch.device) -> torch.Tensor | None:
+        """ALiBi slopes ``[H]``, recomputed (cheap, meta-safe) rather than stored as a buffer."""
+        acfg = self.cfg.attn_config
+        if not acfg.alibi:
+            return None
+        return alibi_slopes(self.cfg.n_heads, acfg.alibi_bias_max, device=device)
 
     def _positions(
         self, seq_id_BS: torch.Tensor | None, past_len: int, seq_len: int, device: torch.device
@@ -99,8 +114,15 @@ class MPTModel(nn.Module):
             x_BSM = x_BSM * frac + x_BSM.detach() * (1.0 - frac)
         x_BSM = self.emb_drop(x_BSM)
 
+        slopes_H = self.alibi_slopes(x_BSM.device)
         mask = shared_mask(
-            self.cfg.attn_config.impl, seq_len, past_len + seq_len, sequence_id, x_BSM.device
+            self.cfg.attn_config.impl,
+            slopes_H,
+            seq_len,
+            past_len + seq_len,
+            sequence_id,
+            _attention_dtype(x_BSM),
+            x_BSM.device,
         )
         new_cache: list[KVCache] = []
         for i, block in enumerate(self.blocks):

@@ -14,6 +14,15 @@ the same decision, and then:
   ``loss_guard.json`` with the diagnostics, and fails with :class:`LossGuardStop`.
 * ``warn``: logs only. Every verdict logs one line naming the step and the batch (a hash of
   each rank's ``input_ids``, to find it again in the data).
+
+Reading the loss before the step would make the host wait for the whole backward before it can
+queue the optimizer. With torch's fused Adam/AdamW (the GPU default) it does not have to: the
+decision to drop the update is computed on the device and handed to the kernel as its
+``found_inf`` flag (the hook GradScaler uses to skip fp16 steps with inf gradients; the kernel
+then leaves weights, moments and step count as they were). The statistics are read at
+``BATCH_END``, after Composer has waited for the step anyway, and judged there for the log line,
+the history and a stop. Other optimizers (foreach or Composer's AdamW, Lion) and amp_fp16
+(whose loss scaler owns ``found_inf``) take the decision on the host before the step.
 """
 
 from __future__ import annotations
@@ -28,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from composer.core import Callback, State
+from composer.core import Callback, Precision, State
 from composer.loggers import Logger
-from composer.utils import dist
+from composer.utils import dist, ensure_tuple
 
 from mpt_train.errors import RunFailure
 from mpt_train.reliability.config import LossGuardConfig
@@ -61,9 +70,19 @@ class LossGuard(Callback):
         self.consecutive_skips = 0
         self.events: list[dict[str, Any]] = []
         self._micro: list[torch.Tensor] = []
+        self._pending: torch.Tensor | None = None  # this step's statistics, judged at BATCH_END
+        self._on_device = False
         self._stop_message: str | None = None
         self._stop_now = False
         self._resumed = False
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        from mpt_train.optim import takes_found_inf  # optim -> config -> reliability: not at top
+
+        self._resumed = int(state.timestamp.batch) > 0
+        self._on_device = state.precision != Precision.AMP_FP16 and all(
+            takes_found_inf(opt) for opt in ensure_tuple(state.optimizers)
+        )
 
     def batch_start(self, state: State, logger: Logger) -> None:
         self._micro = []
@@ -77,11 +96,14 @@ class LossGuard(Callback):
         self._micro.append(loss.detach().float().reshape(()))
 
     def after_train_batch(self, state: State, logger: Logger) -> None:
+        optimizers = ensure_tuple(state.optimizers)
         if not self._micro:
+            for opt in optimizers if self._on_device else ():
+                opt.found_inf = None  # never a stale flag from an earlier step
             return
         local = torch.stack(self._micro).double()
         finite = torch.isfinite(local)
-        # Built on the device: one device-to-host copy per step (.tolist below), not three.
+        # Built on the device: one device-to-host copy per step, not three.
         stats = torch.stack(
             [
                 (~finite).sum().double(),
@@ -90,9 +112,40 @@ class LossGuard(Callback):
             ]
         )
         dist.all_reduce(stats, reduce_operation="SUM")
+        if not self._on_device:
+            self._judge_step(stats, state, int(state.timestamp.batch) + 1)
+            return
+        self._pending = stats
+        drop = torch.zeros((), dtype=torch.bool, device=stats.device)
+        if self.cfg.on_nonfinite in ("skip", "stop"):
+            drop = drop | (stats[0] > 0)
+        threshold = self._spike_threshold()
+        if threshold is not None:
+            drop = drop | ((stats[0] == 0) & (stats[1] / stats[2] > threshold))
+        for opt in optimizers:
+            opt.found_inf = drop.float()  # the fused kernel skips the update when it is 1
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if self._pending is not None:
+            stats, self._pending = self._pending, None
+            # Composer has already read this step's loss back: the statistics are ready.
+            self._judge_step(stats, state, int(state.timestamp.batch))
+        if self._stop_now:
+            self._stop_now = False
+            # Ends the run after this batch; Composer's saver checkpoints at the end of training.
+            state.stop_training()
+
+    def _spike_threshold(self) -> float | None:
+        """The loss above which this step is a spike to drop, or None when spikes pass."""
+        if self.cfg.on_spike not in ("skip", "stop") or len(self.history) < self.cfg.min_history:
+            return None
+        return self.cfg.spike_factor * statistics.median(self.history)
+
+    def _judge_step(self, stats: torch.Tensor, state: State, step: int) -> None:
+        """Log, record and act on one step's all-reduced (non-finite, sum, count) losses. On the
+        device path the update was already dropped, by the same rule, inside the optimizer."""
         nonfinite, total, count = (float(x) for x in stats.tolist())
         loss = math.nan if nonfinite else total / count
-        step = int(state.timestamp.batch) + 1
         verdict, action = self._judge(loss)
         if verdict is None:
             self.history.append(loss)
@@ -119,7 +172,7 @@ class LossGuard(Callback):
         )
         if dist.get_global_rank() == 0:  # every rank holds the same verdict and fingerprints
             (log.error if action == "stop" else log.warning)(line)
-        if action in ("skip", "stop"):
+        if action in ("skip", "stop") and not self._on_device:
             for p in state.model.parameters():
                 p.grad = None
         if action == "stop":
@@ -141,15 +194,6 @@ class LossGuard(Callback):
                 self.cfg.on_spike,
             )
         return None, "off"
-
-    def batch_end(self, state: State, logger: Logger) -> None:
-        if self._stop_now:
-            self._stop_now = False
-            # Ends the run after this batch; Composer's saver checkpoints at the end of training.
-            state.stop_training()
-
-    def fit_start(self, state: State, logger: Logger) -> None:
-        self._resumed = int(state.timestamp.batch) > 0
 
     def fit_end(self, state: State, logger: Logger) -> None:
         if self._stop_message is None:

@@ -58,41 +58,44 @@ def test_bias_with_query_offset_is_the_bottom_rows() -> None:
 @pytest.mark.parametrize(
     "dtype,k_len,n_extra",
     [
-        (torch.float32, 5000, 1),
-        (torch.bfloat16, 200, 3),  # positions below 256: one digit, slope in three parts
-        (torch.bfloat16, 5000, 6),  # two base-256 digits
+        (torch.float32, 200, 3),  # positions below 256: one digit, slope in three 8-bit parts
+        (torch.float32, 5000, 6),  # two base-256 digits
+        (torch.bfloat16, 200, 3),
+        (torch.bfloat16, 5000, 6),
         (torch.bfloat16, 70000, 9),  # past 65536: three digits (StoryWriter-length context)
         (torch.float16, 5000, 6),
     ],
 )
 def test_folded_columns_add_exactly_the_alibi_bias(dtype, k_len: int, n_extra: int) -> None:
-    """q'.k' scaled is q.k scaled plus slope * k_pos, to fp32 precision, though every column
-    is stored in the (half-precision) input dtype; the padding columns add nothing."""
+    """q'.k' scaled is q.k scaled plus slope * k_pos, to fp32 precision, with every folded
+    column exact in bf16 (so also through TF32 or bf16-input matmuls); padding adds nothing."""
     torch.manual_seed(0)
     n_heads, head_dim, scale = 12, 64, 0.3  # slopes and 1/scale far from powers of two
     slopes = alibi_slopes(n_heads)
     q = torch.randn(1, n_heads, 3, head_dim).to(dtype)
     k, v = torch.randn(2, 1, 2, k_len, head_dim).to(dtype).unbind(0)  # two kv heads (GQA)
     qw, kw, vw = fold_alibi(q, k, v, slopes, scale)
-    wide = head_dim + n_extra + (-(head_dim + n_extra) % 8)
-    assert qw.shape == (1, n_heads, 3, wide) and kw.shape == vw.shape == (1, 2, k_len, wide)
-    assert qw.dtype == kw.dtype == dtype
-    assert torch.equal(qw[..., :head_dim], q) and torch.equal(kw[..., :head_dim], k)
-    assert torch.equal(vw[..., :head_dim], v) and not vw[..., head_dim:].any()
     kw_h = kw.repeat_interleave(n_heads // 2, dim=1).double()
-    added = (
-        qw.double() @ kw_h.transpose(-1, -2) - q.double() @ kw_h[..., :head_dim].transpose(-1, -2)
-    ) * scale
+    plain = q.double() @ kw_h[..., :head_dim].transpose(-1, -2)
+    added = (qw.double() @ kw_h.transpose(-1, -2) - plain) * scale
     want = slopes.double()[:, None, None] * torch.arange(k_len, dtype=torch.float64)
     # fp16's last slope part is subnormal for the smallest slopes: a few more ulps of fp32.
     rtol = 4e-6 if dtype == torch.float16 else 2e-7
     torch.testing.assert_close(added[0], want.expand_as(added[0]), rtol=rtol, atol=1e-9)
+    for wide in (qw, kw):
+        extra = wide[..., head_dim:]
+        assert torch.equal(extra.to(torch.bfloat16).to(dtype), extra), "not exact in bf16"
+    padded = head_dim + n_extra + (-(head_dim + n_extra) % 8)
+    assert qw.shape == (1, n_heads, 3, padded) and kw.shape == vw.shape == (1, 2, k_len, padded)
+    assert qw.dtype == kw.dtype == dtype
+    assert torch.equal(qw[..., :head_dim], q) and torch.equal(kw[..., :head_dim], k)
+    assert torch.equal(vw[..., :head_dim], v) and not vw[..., head_dim:].any()
 
 
 def test_folding_refuses_positions_the_dtype_cannot_hold() -> None:
     q = torch.zeros(1, 1, 1, 8, dtype=torch.float16)
-    k = v = torch.zeros(1, 1, 2048**2 + 1, 8, dtype=torch.float16)
-    with pytest.raises(ValueError, match="4194305 key positions"):
+    k = v = torch.zeros(1, 1, 65537, 8, dtype=torch.float16)  # a third digit: 65536 / scale
+    with pytest.raises(ValueError, match="65537 key positions"):
         fold_alibi(q, k, v, alibi_slopes(1), 1.0)
 
 

@@ -61,18 +61,68 @@ def test_flex_block_mask_is_built_once_per_forward(
     assert len(built) == 1  # three layers, one block mask
 
 
-def test_sdpa_mask_has_no_head_or_bias_dimension() -> None:
-    """With ALiBi in the heads, the packed-document mask is boolean ``[B, 1, S, S]``: no
-    ``[H, S, S]`` bias per forward (MPT-7B at 2k tokens: 268 MB in bf16)."""
+def test_sdpa_masks_carry_no_alibi_bias_over_whole_sequences() -> None:
+    """With ALiBi in the heads, a packed-document mask is ``[B, 1, S, S]`` (no ``[H, S, S]``
+    bias: 268 MB per forward at MPT-7B's 2k tokens in bf16), additive in the queries' dtype;
+    decoding over a cache adds the ALiBi bias to its small ``[1, H, Q, K]`` mask instead."""
+    cpu, slopes = torch.device("cpu"), attention.alibi_slopes(4)
     seq_id = torch.tensor([[0] * 8 + [1] * 8, [0] * 16])
-    mask = attention.shared_mask("sdpa", 16, 16, seq_id, torch.device("cpu"))
-    assert mask.dtype == torch.bool and mask.shape == (2, 1, 16, 16)
-    assert mask[0, 0, 9, 7].item() is False and mask[1, 0, 9, 7].item() is True  # documents
-    assert not mask[1, 0, 7, 9]  # causal
-    assert attention.shared_mask("sdpa", 16, 16, None, torch.device("cpu")) is None
-    # Several new queries over a cache: bottom-right causal, which is_causal cannot express.
-    partial = attention.shared_mask("sdpa", 3, 10, None, torch.device("cpu"))
-    assert partial.shape == (1, 1, 3, 10) and partial[0, 0, 0].tolist() == [True] * 8 + [False] * 2
+    mask = attention.shared_mask("sdpa", slopes, 16, 16, seq_id, torch.bfloat16, cpu)
+    assert mask.dtype == torch.bfloat16 and mask.shape == (2, 1, 16, 16)
+    assert mask[0, 0, 9, 7] == -torch.inf and mask[1, 0, 9, 7] == 0  # documents
+    assert mask[1, 0, 7, 9] == -torch.inf  # causal
+    assert attention.shared_mask("sdpa", slopes, 16, 16, None, torch.float32, cpu) is None
+    decode = attention.shared_mask("sdpa", slopes, 3, 10, None, torch.float32, cpu)
+    assert decode.shape == (1, 4, 3, 10)  # bottom-right causal, which is_causal cannot express
+    torch.testing.assert_close(decode[0, :, 0, :8], attention.alibi_bias(slopes, 1, 8, 7)[:, 0])
+    assert (decode[0, :, 0, 8:] == -torch.inf).all()
+
+
+def test_sdpa_mask_is_built_in_the_autocast_dtype() -> None:
+    """Under autocast the queries are bf16: a mask built in fp32 would be cast in every layer."""
+    cfg = MPTConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=16, vocab_size=64,
+                    attn_config=AttentionConfig(impl="sdpa", attn_uses_sequence_id=True))  # fmt: skip
+    model = build_model(cfg)
+    seen = []
+    real = attention.shared_mask
+
+    def spy(*args):
+        out = real(*args)
+        seen.append(out.dtype)
+        return out
+
+    import mpt_train.model.mpt as mpt
+
+    seq_id = torch.tensor([[0] * 8 + [1] * 8])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mpt, "shared_mask", spy)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(torch.randint(0, 64, (1, 16)), sequence_id=seq_id)
+        model(torch.randint(0, 64, (1, 16)), sequence_id=seq_id)
+    assert seen == [torch.bfloat16, torch.float32] and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_packed_sdpa_saves_one_mask_for_backward_not_one_per_layer(autocast: bool) -> None:
+    """A boolean mask, or one in another dtype, would be converted inside every layer's SDPA
+    call and each layer would save its own ``[B, 1, S, S]`` copy for backward."""
+    torch.manual_seed(0)
+    seq = 64
+    cfg = MPTConfig(d_model=32, n_heads=4, n_layers=4, max_seq_len=seq, vocab_size=64,
+                    attn_config=AttentionConfig(impl="sdpa", attn_uses_sequence_id=True))  # fmt: skip
+    model = build_model(cfg)
+    seq_id = torch.cumsum(torch.rand(2, seq) < 0.1, dim=1)
+    saved = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 4 and t.shape[-2:] == (seq, seq):
+            saved.add(t.untyped_storage().data_ptr())
+        return t
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with hooks, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model(torch.randint(0, 64, (2, seq)), sequence_id=seq_id).float().sum().backward()
+    assert len(saved) == 1
 
 
 @pytest.fixture

@@ -124,8 +124,8 @@ def test_flex_kernel_options_from_the_spec_reach_every_flex_call(make_model, mon
     ],
 )
 def test_sdpa_backends_decide_the_kernel_and_keep_the_result(make_model, backends, kernel):
-    """``sdpa_backends`` is SDPA's priority list: the first listed kernel that accepts the
-    inputs runs (seen in the profiler), and the result is the reference's."""
+    """``sdpa_backends`` are the kernels SDPA may use: an unlisted one never runs (seen in the
+    profiler), and the result is the reference's."""
     from torch.profiler import profile
 
     ref = make_model(attn={"impl": "torch"})
@@ -139,6 +139,20 @@ def test_sdpa_backends_decide_the_kernel_and_keep_the_result(make_model, backend
              "aten::_scaled_dot_product_flash_attention_for_cpu"} - {kernel}  # fmt: skip
     assert not other & ran
     torch.testing.assert_close(out, ref(ids), **TOL)
+
+
+def test_sdpa_is_refused_when_its_math_kernel_may_add_scores_in_half_precision(make_model):
+    """That setting would round the folded ALiBi columns' sum (slope x position) to bf16."""
+    from mpt_train.errors import ConfigError
+
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+    try:
+        with pytest.raises(ConfigError, match="allow_fp16_bf16_reduction_math_sdp"):
+            make_model(attn={"impl": "sdpa"})
+        make_model(attn={"impl": "flex"})  # scores with the bias added in fp32 by its kernel
+    finally:
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(False)
+    make_model(attn={"impl": "sdpa"})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
@@ -181,8 +195,8 @@ def test_folded_alibi_on_each_gpu_sdpa_kernel_matches_reference(backend: str) ->
     ref = run("torch", torch.float32, [])
     try:
         got = run("sdpa", torch.bfloat16, [backend])
-    except RuntimeError as err:
-        if "No available kernel" in str(err):
+    except RuntimeError as err:  # flash must take them: it is what SDPA picks by default
+        if "No available kernel" in str(err) and backend != "flash":
             pytest.skip(f"SDPA's {backend} kernel does not take these inputs on this GPU")
         raise
     for r, g in zip(ref, got, strict=True):

@@ -46,6 +46,11 @@ BAD_ATTN_FIELDS = [
     ({"sdpa_backends": ["flash", "flash"]}, "sdpa_backends", "twice"),
     ({"impl": "flex", "sdpa_backends": ["cudnn"]}, "sdpa_backends", "'sdpa'"),
     (
+        {"sdpa_backends": ["flash", "cudnn"], "attn_uses_sequence_id": True},
+        "sdpa_backends",
+        "efficient and math",
+    ),
+    (
         {"impl": "flash", "attn_uses_sequence_id": True},
         "attn_uses_sequence_id",
         "torch, sdpa, flex",

@@ -15,7 +15,7 @@ from composer.loggers import Logger
 
 from mpt_train.config import load_config_dict
 from mpt_train.loggers.jsonl import read_metrics
-from mpt_train.reliability import LossGuardStop
+from mpt_train.reliability import LossGuard, LossGuardStop
 from mpt_train.reliability.guards import batch_fingerprint
 from mpt_train.trainer import build_trainer, train
 from tests.reliability.faults import ScaleOutputs
@@ -44,12 +44,27 @@ class WatchStep(Callback):
             self.after = self._params(state)
 
 
-def fit(spec: dict[str, Any], *callbacks: Callback) -> None:
+def fit(spec: dict[str, Any], *callbacks: Callback) -> LossGuard | None:
+    """Train; returns the run's loss guard (None when it is off)."""
     trainer = build_trainer(load_config_dict(spec), extra_callbacks=list(callbacks))
     try:
         trainer.fit()
     finally:
         trainer.close()
+    return next((c for c in trainer.state.callbacks if isinstance(c, LossGuard)), None)
+
+
+@pytest.fixture(params=["foreach", "fused"])
+def kernel(request: pytest.FixtureRequest) -> str:
+    """The AdamW kernel: with ``foreach`` the guard decides on the host before the step; with
+    torch's ``fused`` one (the GPU default) on the device, through the kernel's found_inf."""
+    return request.param
+
+
+def guarded(mds_dir: Path, kernel: str, **top: Any) -> dict[str, Any]:
+    optimizer = {"name": "decoupled_adamw", "lr": 1e-3, "weight_decay": 1e-5,
+                 "implementation": kernel}  # fmt: skip
+    return tiny_spec(mds_dir, optimizer=optimizer, **top)
 
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -58,14 +73,15 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def test_nan_loss_is_skipped_and_named(
-    mds_dir: Path, in_tmp: Path, caplog: pytest.LogCaptureFixture
+    mds_dir: Path, in_tmp: Path, caplog: pytest.LogCaptureFixture, kernel: str
 ) -> None:
-    spec = tiny_spec(
-        mds_dir, max_duration="6ba", reliability={"loss_guard": {"on_nonfinite": "skip"}}
+    spec = guarded(
+        mds_dir, kernel, max_duration="6ba", reliability={"loss_guard": {"on_nonfinite": "skip"}}
     )
     watch = WatchStep(3)
     with caplog.at_level(logging.WARNING, logger="mpt_train.reliability.guards"):
-        fit(spec, ScaleOutputs(3, float("nan")), watch)
+        guard = fit(spec, ScaleOutputs(3, float("nan")), watch)
+    assert guard._on_device == (kernel == "fused")
     assert same(watch.before, watch.after), "a skipped step must leave the weights unchanged"
     lines = [r.getMessage() for r in caplog.records if "loss guard" in r.getMessage()]
     assert len(lines) == 1
@@ -81,9 +97,9 @@ def test_nan_loss_is_skipped_and_named(
 
 
 def test_nan_loss_stops_with_checkpoint_and_diagnostics(
-    mds_dir: Path, in_tmp: Path, capsys: pytest.CaptureFixture
+    mds_dir: Path, in_tmp: Path, capsys: pytest.CaptureFixture, kernel: str
 ) -> None:
-    spec = tiny_spec(mds_dir, max_duration="6ba", save_folder="ckpt", save_interval="10ba")
+    spec = guarded(mds_dir, kernel, max_duration="6ba", save_folder="ckpt", save_interval="10ba")
     watch = WatchStep(3)
     with pytest.raises(LossGuardStop, match="step 3: loss is nan"):
         fit(spec, ScaleOutputs(3, float("inf")), watch)
@@ -115,10 +131,10 @@ def test_nan_loss_stops_with_checkpoint_and_diagnostics(
 
 
 def test_loss_spike_is_skipped(
-    mds_dir: Path, in_tmp: Path, caplog: pytest.LogCaptureFixture
+    mds_dir: Path, in_tmp: Path, caplog: pytest.LogCaptureFixture, kernel: str
 ) -> None:
     guard = {"on_spike": "skip", "min_history": 3, "window": 10, "spike_factor": 2.0}
-    spec = tiny_spec(mds_dir, max_duration="7ba", reliability={"loss_guard": guard})
+    spec = guarded(mds_dir, kernel, max_duration="7ba", reliability={"loss_guard": guard})
     watch = WatchStep(6)
     with caplog.at_level(logging.WARNING, logger="mpt_train.reliability.guards"):
         fit(spec, ScaleOutputs(6, 200.0), watch)
@@ -137,13 +153,13 @@ def test_guard_off_lets_nan_through(mds_dir: Path, in_tmp: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["nonfinite", "spike"])
 def test_bad_steps_in_a_row_past_the_limit_become_a_stop(
-    kind: str, mds_dir: Path, in_tmp: Path
+    kind: str, mds_dir: Path, in_tmp: Path, kernel: str
 ) -> None:
     """``skip`` tolerates ``max_consecutive_skips`` bad steps in a row; the next one stops the
     run (a bad stretch of data or a diverged run is for a human, not for skipping forever)."""
     guard = {"on_nonfinite": "skip", "on_spike": "skip", "max_consecutive_skips": 2,
              "min_history": 2, "window": 10, "spike_factor": 2.0}  # fmt: skip
-    spec = tiny_spec(mds_dir, max_duration="8ba", reliability={"loss_guard": guard})
+    spec = guarded(mds_dir, kernel, max_duration="8ba", reliability={"loss_guard": guard})
     factor = float("nan") if kind == "nonfinite" else 200.0
     with pytest.raises(LossGuardStop, match=r"step 5: .*\(3 bad steps in a row\)"):
         fit(spec, *(ScaleOutputs(step, factor) for step in (3, 4, 5)))
@@ -152,10 +168,10 @@ def test_bad_steps_in_a_row_past_the_limit_become_a_stop(
 
 
 def test_warn_logs_the_spike_and_keeps_the_update(
-    mds_dir: Path, in_tmp: Path, caplog: pytest.LogCaptureFixture
+    mds_dir: Path, in_tmp: Path, caplog: pytest.LogCaptureFixture, kernel: str
 ) -> None:
     guard = {"on_spike": "warn", "min_history": 3, "window": 10, "spike_factor": 2.0}
-    spec = tiny_spec(mds_dir, max_duration="7ba", reliability={"loss_guard": guard})
+    spec = guarded(mds_dir, kernel, max_duration="7ba", reliability={"loss_guard": guard})
     watch = WatchStep(6)
     with caplog.at_level(logging.WARNING, logger="mpt_train.reliability.guards"):
         fit(spec, ScaleOutputs(6, 200.0), watch)

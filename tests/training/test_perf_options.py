@@ -172,31 +172,43 @@ def test_flops_per_batch_is_the_same_on_every_call() -> None:
     assert first == 6 * n * 64 + 12 * 2 * 32 * 32 * 64
 
 
-@pytest.mark.parametrize("documents, seq_len", [(False, 32), (True, 32), (True, 256)])
-def test_compiled_flex_blocks_trace_whole_once_for_all_layers(
-    documents: bool, seq_len: int
+@pytest.mark.parametrize(
+    "impl, documents, seq_len, dynamic",
+    [
+        ("flex", False, 32, False),
+        ("flex", True, 32, False),
+        ("flex", True, 256, False),
+        ("sdpa", False, 32, False),  # ALiBi folded into the heads
+        ("sdpa", True, 32, False),
+        ("sdpa", False, 40, True),  # symbolic lengths (40, then 48): no recompile
+    ],
+)
+def test_compiled_blocks_trace_whole_once_for_all_layers(
+    impl: str, documents: bool, seq_len: int, dynamic: bool
 ) -> None:
-    """The GPU fast path (FlexAttention inside per-block torch.compile) must trace each block
-    as one graph (a graph break splits the fused kernels), compile once for every layer (past
-    dynamo's recompile limit of 8 the remaining layers would silently run eagerly), not
-    recompile for new data, and train like the eager model. ``aot_eager`` traces exactly as
-    inductor does, without the code generation that needs a GPU. At 256 tokens the document
-    block mask is the one classified from block id ranges."""
+    """The GPU fast path (FlexAttention, or SDPA with folded ALiBi, inside per-block
+    torch.compile) must trace each block as one graph (a graph break splits the fused
+    kernels), compile once for every layer (past dynamo's recompile limit of 8 the remaining
+    layers would silently run eagerly), not recompile for new data, and train like the eager
+    model. ``aot_eager`` traces exactly as inductor does, without the code generation that
+    needs a GPU. At 256 tokens the document block mask is the one classified from block id
+    ranges."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     def model() -> torch.nn.Module:
-        return _model(n_layers=10 if not documents else 3, max_seq_len=seq_len,
-                      attn_config={"impl": "flex", "attn_uses_sequence_id": documents})  # fmt: skip
+        return _model(n_layers=10 if not documents else 3, max_seq_len=seq_len + 8,
+                      attn_config={"impl": impl, "attn_uses_sequence_id": documents})  # fmt: skip
 
     eager, compiled = model(), model()
     torch._dynamo.reset()
     counters.clear()
     for block in compiled.blocks:
-        block.compile(backend="aot_eager", fullgraph=True, dynamic=False)
+        block.compile(backend="aot_eager", fullgraph=True, dynamic=dynamic)
     for step in range(2):  # new ids (and documents) on the second step
-        ids = torch.randint(0, 96, (2, seq_len))
-        seq_id = torch.cumsum(torch.rand(2, seq_len) < 0.1, dim=1) if documents else None
+        length = seq_len + 8 * step if dynamic else seq_len
+        ids = torch.randint(0, 96, (2, length))
+        seq_id = torch.cumsum(torch.rand(2, length) < 0.1, dim=1) if documents else None
         for m in (eager, compiled):
             m.zero_grad()
             m(ids, sequence_id=seq_id, targets=shift_labels({"input_ids": ids})).backward()
