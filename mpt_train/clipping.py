@@ -9,7 +9,8 @@ gradient back. So clipping by norm can hand the kernel ``max(1, (norm + 1e-6) / 
 the same update as ``clip_grad_norm_`` (the coefficient is divided in rather than multiplied, a
 difference in the last bit), one read of the gradients and a kernel launch per tensor group
 fewer (the store moves into the optimizer's pass), and no host synchronisation. After the step
-the gradients are the clipped ones, as with Composer's clipping.
+the gradients are the clipped ones, as with Composer's clipping (unless the loss guard dropped
+that update: the kernel then returns before storing them).
 
 ``gradient_clipping.implementation``: ``auto`` folds when it can (norm clipping, an optimizer
 whose step takes ``grad_scale``, no fp16 loss scaling, which owns that hook) and runs Composer's

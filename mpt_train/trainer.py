@@ -81,8 +81,10 @@ class ClosureFreeTrainer(Trainer):
     and returns ``loss.item()`` from it, for optimizers that re-evaluate the loss (LBFGS, SAM):
     the host then waits for the whole backward before it can queue the optimizer's kernels,
     and the GPU idles for that hand-over every step. mpt-train's optimizers (torch's and
-    Composer's AdamW, Lion) never read the closure's result; with the loss guard deciding on
-    the device and the norm clip folded into the fused step, nothing waits before the update.
+    Composer's AdamW, Lion) never read the closure's result. With the loss guard deciding on
+    the device and the norm clip folded into the fused step, the host reads nothing back
+    between a step's first forward and its update (with ``device_train_microbatch_size:
+    auto`` Composer still reads an OOM flag after every forward).
     """
 
     def _use_closures(self) -> bool:

@@ -70,7 +70,7 @@ PY
 left=$((end - SECONDS))
 if ((left > 20)); then
   timeout "$left" python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/model/test_backends.py \
-    tests/training/test_perf_options.py 2>&1 | tee "$out/tests.txt"
+    tests/training/test_perf_options.py tests/training/test_host_waits.py 2>&1 | tee "$out/tests.txt"
 else
   echo "GPU tests not run: the time budget was spent" | tee "$out/tests.txt"
 fi

@@ -6,8 +6,9 @@ notice and expensive to notice late. The guard looks at the step's loss after ba
 *before* the optimizer step (Composer's ``AFTER_TRAIN_BATCH``), all-reduced so every rank takes
 the same decision, and then:
 
-* ``skip``: drops the update (gradients set to None, which every optimizer here skips), so the
-  weights and optimizer state are exactly as before the batch; the step counter, data position
+* ``skip``: drops the update (the fused kernel is told to skip it, or, on the host path, the
+  gradients are set to None, which every optimizer here skips), so the weights and optimizer
+  moments and step count are as before the batch; the trainer's step counter, data position
   and lr schedule move on.
 * ``stop``: also drops the update, then ends training after this batch so Composer saves a
   checkpoint (weights from before the bad batch, data position after it), writes
@@ -108,7 +109,8 @@ class LossGuard(Callback):
             [
                 (~finite).sum().double(),
                 torch.where(finite, local, 0.0).sum(),
-                local.new_tensor(len(local)),
+                # A fill, not new_tensor: copying a host number up would wait for the backward.
+                torch.full((), len(local), dtype=local.dtype, device=local.device),
             ]
         )
         dist.all_reduce(stats, reduce_operation="SUM")

@@ -32,7 +32,14 @@ class WatchStep(Callback):
         self.fingerprint = ""
 
     def _params(self, state: State) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in state.model.named_parameters()}
+        """The weights and the optimizer's moments and step counts."""
+        out = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+        names = {p: n for n, p in state.model.named_parameters()}
+        for p, per_param in state.optimizers[0].state.items():
+            for key, value in per_param.items():
+                if isinstance(value, torch.Tensor):
+                    out[f"{names[p]}/{key}"] = value.detach().clone()
+        return out
 
     def batch_start(self, state: State, logger: Logger) -> None:
         if int(state.timestamp.batch) + 1 == self.step:
@@ -114,7 +121,8 @@ def test_nan_loss_stops_with_checkpoint_and_diagnostics(
         watch.fingerprint and events[0]["step"] == 3 and events[0]["batch"] == [watch.fingerprint]
     )
     saved = torch.load(in_tmp / "ckpt/ep0-ba3-rank0.pt", weights_only=False)["state"]["model"]
-    before = {f"model.{k}" if not k.startswith("model.") else k: v for k, v in watch.before.items()}
+    weights = {k: v for k, v in watch.before.items() if "/" not in k}  # not optimizer state
+    before = {f"model.{k}" if not k.startswith("model.") else k: v for k, v in weights.items()}
     assert all(torch.equal(saved[k], before[k]) for k in before), "checkpoint predates the bad step"
 
     # Resumed, it meets another bad batch: the diagnostics keep the first stop's too.
@@ -141,6 +149,20 @@ def test_loss_spike_is_skipped(
     assert same(watch.before, watch.after)
     lines = [r.getMessage() for r in caplog.records if "loss guard" in r.getMessage()]
     assert len(lines) == 1 and "step 6: loss" in lines[0] and "spiked" in lines[0], lines
+
+
+def test_warn_on_nonfinite_logs_and_keeps_the_update(
+    mds_dir: Path, in_tmp: Path, caplog: pytest.LogCaptureFixture, kernel: str
+) -> None:
+    spec = guarded(
+        mds_dir, kernel, max_duration="4ba", reliability={"loss_guard": {"on_nonfinite": "warn"}}
+    )
+    watch = WatchStep(3)
+    with caplog.at_level(logging.WARNING, logger="mpt_train.reliability.guards"):
+        fit(spec, ScaleOutputs(3, float("nan")), watch)
+    assert any(torch.isnan(t).any() for t in watch.after.values()), "warn must not drop it"
+    lines = [r.getMessage() for r in caplog.records if "loss guard" in r.getMessage()]
+    assert "step 3: loss is nan" in lines[0] and all("action: warn" in ln for ln in lines)
 
 
 def test_guard_off_lets_nan_through(mds_dir: Path, in_tmp: Path) -> None:
