@@ -43,11 +43,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TableRow:
-    """One line of the table: a run spec, its overrides and the name the line shows."""
+    """One line of the table: a run spec, its overrides and the name the line shows.
+    ``steps``/``warmup`` replace the table's for a row whose steps are long (a spec's whole
+    global batch through gradient accumulation)."""
 
     spec: str
     name: str | None = None
     overrides: list[str] = field(default_factory=list)
+    steps: int | None = None
+    warmup: int | None = None
 
 
 @dataclass
@@ -76,7 +80,18 @@ def load_table(path: str | Path) -> TableSpec:
         raise ConfigError("rows", f"{path} lists no rows")
     if table.warmup < 1 or table.steps <= table.warmup:
         raise ConfigError("steps", f"need steps > warmup >= 1, got {table.steps}/{table.warmup}")
+    for i, row in enumerate(table.rows):
+        steps, warmup = _steps(row, table)
+        if warmup < 1 or steps <= warmup:
+            raise ConfigError(
+                f"rows.{i}.steps", f"need steps > warmup >= 1, got {steps}/{warmup} ({row.name})"
+            )
     return table
+
+
+def _steps(row: TableRow, table: TableSpec) -> tuple[int, int]:
+    steps = table.steps if row.steps is None else row.steps
+    return steps, table.warmup if row.warmup is None else row.warmup
 
 
 def _row_cmd(row: TableRow, table: TableSpec, root: Path) -> list[str]:
@@ -84,7 +99,8 @@ def _row_cmd(row: TableRow, table: TableSpec, root: Path) -> list[str]:
     if not spec.is_absolute() and not spec.exists():
         spec = root / row.spec  # relative to the repository that holds the table
     cmd = [sys.executable, "-m", "mpt_train.benchmark", str(spec), *row.overrides, "--json"]
-    cmd += ["--steps", str(table.steps), "--warmup", str(table.warmup)]
+    steps, warmup = _steps(row, table)
+    cmd += ["--steps", str(steps), "--warmup", str(warmup)]
     if row.name:
         cmd += ["--name", row.name]
     if table.gpu:

@@ -109,7 +109,7 @@ def test_table_runs_every_row_and_a_failing_row_does_not_end_it(tmp_path: Path) 
         "steps": 3, "warmup": 1, "timeout_s": 240,
         "rows": [
             {"name": "typo", "spec": spec, "overrides": ["model.n_layerz=1"]},
-            {"name": "tiny-125m", "spec": spec, "overrides": tiny},
+            {"name": "tiny-125m", "spec": spec, "overrides": tiny, "steps": 4, "warmup": 2},
         ],
     }  # fmt: skip
     path = tmp_path / "table.yaml"
@@ -126,7 +126,8 @@ def test_table_runs_every_row_and_a_failing_row_does_not_end_it(tmp_path: Path) 
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert "n_layerz" in rows[0]["result"]["error"] and rows[1]["result"]["seq_len"] == 32
     losses = rows[1]["result"]["losses"]  # every step's, for comparing two rows' numerics
-    assert len(losses) == 3 and all(4.0 < x < 8.0 for x in losses)  # near ln(256) = 5.5
+    assert len(losses) == 4 and all(4.0 < x < 8.0 for x in losses)  # near ln(256) = 5.5
+    assert rows[1]["result"]["steps_timed"] == 2  # the row's own steps and warm-up
     assert "n_layerz" in (tmp_path / "logs/typo.log").read_text()
     assert (tmp_path / "logs/tiny-125m.log").read_text().startswith("{")
 
@@ -142,6 +143,10 @@ def test_table_file_rejects_unknown_keys_by_name(tmp_path: Path) -> None:
     path.write_text("rows: []\n")
     with pytest.raises(ConfigError, match="no rows"):
         load_table(path)
+    path.write_text("rows:\n  - spec: yamls/mpt-1b.yaml\n  - {spec: x.yaml, steps: 2, warmup: 2}\n")
+    with pytest.raises(ConfigError, match="2/2") as info:
+        load_table(path)
+    assert info.value.key == "rows.1.steps"
 
 
 def test_only_names_rows_that_exist(capsys: pytest.CaptureFixture[str]) -> None:
