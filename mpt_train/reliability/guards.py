@@ -85,7 +85,9 @@ class LossGuard(Callback):
             takes_found_inf(opt) for opt in ensure_tuple(state.optimizers)
         )
 
-    def batch_start(self, state: State, logger: Logger) -> None:
+    def before_train_batch(self, state: State, logger: Logger) -> None:
+        # Each attempt at the batch: after an OOM, auto microbatching retries it in smaller
+        # micro batches, and the failed attempt's losses must not count.
         self._micro = []
 
     def after_loss(self, state: State, logger: Logger) -> None:
@@ -150,7 +152,8 @@ class LossGuard(Callback):
         loss = math.nan if nonfinite else total / count
         verdict, action = self._judge(loss)
         if verdict is None:
-            self.history.append(loss)
+            if math.isfinite(loss):  # with on_nonfinite off a NaN passes, but is no reference
+                self.history.append(loss)
             self.consecutive_skips = 0
             return
         if action in ("skip", "stop"):

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from composer.loggers import Logger
 from mpt_train.config import load_config_dict
 from mpt_train.loggers.jsonl import read_metrics
 from mpt_train.reliability import LossGuard, LossGuardStop
+from mpt_train.reliability.config import LossGuardConfig
 from mpt_train.reliability.guards import batch_fingerprint
 from mpt_train.trainer import build_trainer, train
 from tests.reliability.faults import ScaleOutputs
@@ -200,3 +202,38 @@ def test_warn_logs_the_spike_and_keeps_the_update(
     assert not same(watch.before, watch.after), "warn must not drop the update"
     lines = [r.getMessage() for r in caplog.records if "loss guard" in r.getMessage()]
     assert len(lines) == 1 and "step 6" in lines[0] and "action: warn" in lines[0], lines
+
+
+def _fake_state(loss: float = 1.0) -> SimpleNamespace:
+    """What the guard reads of Composer's State between its events."""
+    model = torch.nn.Linear(2, 2)
+    return SimpleNamespace(
+        loss=torch.tensor(loss), optimizers=[], timestamp=SimpleNamespace(batch=0),
+        batch={"input_ids": torch.zeros(1, 4, dtype=torch.long)}, model=model,
+    )  # fmt: skip
+
+
+def _step(guard: LossGuard, *attempts: float) -> None:
+    """One batch; each attempt is a try at it (auto microbatching retries after an OOM)."""
+    state = _fake_state()
+    for loss in attempts:
+        guard.before_train_batch(state, None)
+        state.loss = torch.tensor(loss)
+        guard.after_loss(state, None)
+    guard.after_train_batch(state, None)
+
+
+def test_a_retried_batch_is_judged_on_its_last_attempt_only() -> None:
+    guard = LossGuard(LossGuardConfig(on_nonfinite="stop"))
+    _step(guard, float("nan"), 2.0)  # the first attempt ran out of memory half way
+    assert guard.events == [] and list(guard.history) == [2.0]
+
+
+def test_a_let_through_nan_does_not_blind_spike_detection() -> None:
+    cfg = LossGuardConfig(on_nonfinite="off", on_spike="warn", min_history=3, window=10,
+                          spike_factor=2.0)  # fmt: skip
+    guard = LossGuard(cfg)
+    for loss in (2.0, 2.0, float("nan"), 2.0, 9.0):
+        _step(guard, loss)
+    assert list(guard.history) == [2.0, 2.0, 2.0]  # the NaN is no reference
+    assert [e["verdict"].split(" spiked")[0] for e in guard.events] == ["loss 9.0000"]
