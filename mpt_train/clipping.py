@@ -20,7 +20,7 @@ otherwise; ``fused`` insists (a spec that cannot is refused before training star
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from composer.algorithms import GradientClipping
@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from mpt_train.config.schema import GradientClippingConfig, OptimizerConfig
 from mpt_train.errors import ConfigError
+from mpt_train.host_reads import read_later
 from mpt_train.optim import adamw_kernel
 
 __all__ = ["FusedNormClipping", "build_gradient_clipping", "fold_norm_clip", "why_not_fused"]
@@ -106,19 +107,20 @@ class FusedNormClipping(Callback):
     report; NaN or inf on a step whose gradients were, which the loss guard may then skip).
 
     Runs at ``AFTER_TRAIN_BATCH``, where Composer clips; gradients read at that event are the
-    unclipped ones. The norm is read back at ``BATCH_END``, after Composer has already waited
-    for the step to finish, so logging it costs no stall.
+    unclipped ones. The norm is copied to the host before the update is queued and read at
+    ``BATCH_END`` (:mod:`mpt_train.host_reads`), so logging it waits for nothing.
     """
 
     def __init__(self, max_norm: float) -> None:
         self.max_norm = float(max_norm)
-        self._norm: torch.Tensor | None = None
+        self._norm: Callable[[], torch.Tensor] | None = None
 
     def after_train_batch(self, state: State, logger: Logger) -> None:
         params = state.model.parameters()
-        self._norm = fold_norm_clip(params, ensure_tuple(state.optimizers), self.max_norm)
+        norm = fold_norm_clip(params, ensure_tuple(state.optimizers), self.max_norm)
+        self._norm = None if norm is None else read_later(norm)
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if self._norm is not None:
-            logger.log_metrics({"l2_norm/grad_preclip": float(self._norm)})
+            logger.log_metrics({"l2_norm/grad_preclip": float(self._norm())})
             self._norm = None

@@ -22,6 +22,8 @@ from composer.callbacks import SpeedMonitor
 from composer.core import State
 from composer.loggers import Logger
 
+from mpt_train.host_reads import beside_the_update
+
 __all__ = ["TrainSpeedMonitor", "in_batch_eval_seconds"]
 
 
@@ -58,8 +60,11 @@ class TrainSpeedMonitor(SpeedMonitor):
             self.total_eval_wct += new
 
     def batch_end(self, state: State, logger: Logger) -> None:
+        # Composer's batch_end copies this rank's FLOPs up, all-reduces and reads them back:
+        # beside the update, that read does not wait for the optimizer step.
         if self.in_batch_eval_wct <= 0:
-            super().batch_end(state, logger)
+            with beside_the_update():
+                super().batch_end(state, logger)
             return
         # SpeedMonitor reads the clock from the state; give it the training clock for the
         # length of this call only.
@@ -68,6 +73,7 @@ class TrainSpeedMonitor(SpeedMonitor):
             total_wct=clock.total_wct - datetime.timedelta(seconds=self.in_batch_eval_wct)
         )
         try:
-            super().batch_end(state, logger)
+            with beside_the_update():
+                super().batch_end(state, logger)
         finally:
             state.timestamp = clock

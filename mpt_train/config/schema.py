@@ -341,6 +341,9 @@ class RunConfig:
     fsdp: FSDPConfig | None = field(default_factory=FSDPConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    # GPU: read the step's loss on a side stream, so the between-step host work overlaps the
+    # optimizer update instead of waiting for it (mpt_train.trainer.MPTTrainer).
+    overlap_step_end: bool = False
     save_folder: str | None = None
     save_interval: str = "1000ba"
     save_num_checkpoints_to_keep: int = -1

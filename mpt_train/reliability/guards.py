@@ -20,9 +20,9 @@ Reading the loss before the step would make the host wait for the whole backward
 queue the optimizer. With torch's fused Adam/AdamW (the GPU default) it does not have to: the
 decision to drop the update is computed on the device and handed to the kernel as its
 ``found_inf`` flag (the hook GradScaler uses to skip fp16 steps with inf gradients; the kernel
-then leaves weights, moments and step count as they were). The statistics are read at
-``BATCH_END``, after Composer has waited for the step anyway, and judged there for the log line,
-the history and a stop. Other optimizers (foreach or Composer's AdamW, Lion) and amp_fp16
+then leaves weights, moments and step count as they were). The statistics are copied to the
+host before the update is queued and read at ``BATCH_END`` (:mod:`mpt_train.host_reads`), and
+judged there for the log line, the history and a stop. Other optimizers (foreach or Composer's AdamW, Lion) and amp_fp16
 (whose loss scaler owns ``found_inf``) take the decision on the host before the step.
 """
 
@@ -34,6 +34,7 @@ import logging
 import math
 import statistics
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from composer.loggers import Logger
 from composer.utils import dist, ensure_tuple
 
 from mpt_train.errors import RunFailure
+from mpt_train.host_reads import read_later
 from mpt_train.reliability.config import LossGuardConfig
 
 __all__ = ["LossGuard", "LossGuardStop", "batch_fingerprint"]
@@ -71,7 +73,7 @@ class LossGuard(Callback):
         self.consecutive_skips = 0
         self.events: list[dict[str, Any]] = []
         self._micro: list[torch.Tensor] = []
-        self._pending: torch.Tensor | None = None  # this step's statistics, judged at BATCH_END
+        self._pending: Callable[[], torch.Tensor] | None = None  # statistics for BATCH_END
         self._on_device = False
         self._stop_message: str | None = None
         self._stop_now = False
@@ -119,7 +121,7 @@ class LossGuard(Callback):
         if not self._on_device:
             self._judge_step(stats, state, int(state.timestamp.batch) + 1)
             return
-        self._pending = stats
+        self._pending = read_later(stats)  # copied now, read at BATCH_END: no wait for the update
         drop = torch.zeros((), dtype=torch.bool, device=stats.device)
         if self.cfg.on_nonfinite in ("skip", "stop"):
             drop = drop | (stats[0] > 0)
@@ -131,9 +133,8 @@ class LossGuard(Callback):
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if self._pending is not None:
-            stats, self._pending = self._pending, None
-            # Composer has already read this step's loss back: the statistics are ready.
-            self._judge_step(stats, state, int(state.timestamp.batch))
+            read, self._pending = self._pending, None
+            self._judge_step(read(), state, int(state.timestamp.batch))
         if self._stop_now:
             self._stop_now = False
             # Ends the run after this batch; Composer's saver checkpoints at the end of training.

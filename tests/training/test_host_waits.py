@@ -142,3 +142,87 @@ def test_no_gpu_sync_between_forward_and_update(
         torch.cuda.set_sync_debug_mode("default")
         trainer.close()
     assert window.steps == 3, "the window never closed: the fused AdamW kernel did not run"
+
+
+class SlowBackward(Callback):
+    """Keeps the GPU busy after each backward, before the micro batch's loss is added up:
+    a step-end read of the loss that did not wait for it would see a partial sum."""
+
+    def after_backward(self, state: State, logger: Logger) -> None:
+        torch.cuda._sleep(50_000_000)
+
+
+class UpdateStillRunning(Callback):
+    """At each next batch's fetch (after every step-end callback, logger and the scheduler):
+    whether the update queued on the main stream was still running, and whether the main
+    stream is current again."""
+
+    def __init__(self) -> None:
+        self.running: list[bool] = []
+        self.on_main: list[bool] = []
+
+    def before_dataloader(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) > 0:
+            stream = torch.cuda.current_stream()
+            self.on_main.append(stream == torch.cuda.default_stream())
+            self.running.append(not stream.query())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streams need a GPU")
+def test_overlap_step_end_runs_the_step_end_beside_the_update(
+    mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``overlap_step_end`` the host gets through the step end to the next batch while a
+    (deliberately slow) update still runs; without it Composer's loss read waits for the
+    update. Both train to the same losses and bitwise the same weights."""
+    from mpt_train.loggers.jsonl import read_metrics
+
+    monkeypatch.chdir(tmp_path)
+    kernel = torch._fused_adamw_
+
+    def slow_adamw(*args: Any, **kwargs: Any) -> Any:
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the update
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", slow_adamw)
+    runs = {}
+    for overlap in (False, True):
+        spec = tiny_spec(mds_dir, run_name=f"overlap-{overlap}", max_duration="4ba",
+                         overlap_step_end=overlap)  # fmt: skip
+        watch = UpdateStillRunning()
+        trainer = build_trainer(load_config_dict(spec), extra_callbacks=[SlowBackward(), watch])
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+        weights = [p.detach().cpu().clone() for p in trainer.state.model.parameters()]
+        losses = [
+            r["loss/train/total"]
+            for r in read_metrics(tmp_path / f"runs/overlap-{overlap}/metrics.jsonl")
+        ]
+        runs[overlap] = (watch, weights, losses)
+    (off, w_off, l_off), (on, w_on, l_on) = runs[False], runs[True]
+    assert off.running == [False] * 3 and on.running == [True] * 3
+    assert on.on_main == [True] * 3
+    assert l_on == l_off and len(l_on) == 4
+    assert all(torch.equal(a, b) for a, b in zip(w_on, w_off, strict=True))
+
+
+def test_one_rank_counts_samples_and_tokens_on_the_host_as_composer_does(
+    mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datetime
+
+    from composer import Trainer
+
+    monkeypatch.chdir(tmp_path)
+    trainer = build_trainer(load_config_dict(tiny_spec(mds_dir, max_duration="1ba")))
+    try:
+        waited = datetime.timedelta(seconds=0.25)
+        for samples, tokens in ((4, 512), (3, 17)):
+            ours = trainer._accumulate_time_across_ranks(samples, tokens, waited)
+            composer = Trainer._accumulate_time_across_ranks(trainer, samples, tokens, waited)
+            assert ours == composer == (samples, tokens, waited)
+    finally:
+        trainer.close()
