@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["beside_the_update", "read_later"]
+__all__ = ["beside_the_update", "read_later", "side_stream"]
 
 _side_streams: dict[int, torch.cuda.Stream] = {}
 
@@ -52,8 +52,13 @@ def beside_the_update() -> Iterator[None]:
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         yield
         return
+    with torch.cuda.stream(side_stream()):
+        yield
+
+
+def side_stream() -> torch.cuda.Stream:
+    """The current GPU's stream for work kept off the optimizer update's path (one per GPU)."""
     device = torch.cuda.current_device()
     if device not in _side_streams:
         _side_streams[device] = torch.cuda.Stream(device)
-    with torch.cuda.stream(_side_streams[device]):
-        yield
+    return _side_streams[device]

@@ -42,6 +42,7 @@ from mpt_train.errors import ConfigError
 from mpt_train.eval.callback import ICLEvalCallback
 from mpt_train.eval.icl import for_model
 from mpt_train.gloo_average import GlooGradientAverage
+from mpt_train.host_reads import side_stream
 from mpt_train.loggers import ConsoleLine, JsonlLogger
 from mpt_train.model import MPTBlock, build_model, init_weights
 from mpt_train.optim import build_optimizer, build_scheduler
@@ -105,7 +106,6 @@ class MPTTrainer(Trainer):
     def __init__(self, *args: Any, overlap_step_end: bool = False, **kwargs: Any) -> None:
         self._overlap_step_end = overlap_step_end
         self._loss_ready: torch.cuda.Event | None = None
-        self._side: torch.cuda.Stream | None = None
         self._main: torch.cuda.Stream | None = None
         super().__init__(*args, **kwargs)
 
@@ -140,12 +140,12 @@ class MPTTrainer(Trainer):
         # fp16 loss scaling: the scaler's update, next, reads the optimizer's inf checks.
         if ready is None or total is None or use_grad_scaling:
             return total
-        self._side = self._side or torch.cuda.Stream()
+        side = side_stream()
         self._main = torch.cuda.current_stream()
-        self._side.wait_event(ready)
+        side.wait_event(ready)
         for t in total.values():
-            t.record_stream(self._side)  # made on the default stream, read on the side one
-        torch.cuda.set_stream(self._side)  # until _accumulate_time_across_ranks has run
+            t.record_stream(side)  # made on the main stream, read on the side one
+        torch.cuda.set_stream(side)  # until _accumulate_time_across_ranks has run
         return total
 
     def _accumulate_time_across_ranks(

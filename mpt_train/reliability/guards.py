@@ -22,8 +22,9 @@ decision to drop the update is computed on the device and handed to the kernel a
 ``found_inf`` flag (the hook GradScaler uses to skip fp16 steps with inf gradients; the kernel
 then leaves weights, moments and step count as they were). The statistics are copied to the
 host before the update is queued and read at ``BATCH_END`` (:mod:`mpt_train.host_reads`), and
-judged there for the log line, the history and a stop. Other optimizers (foreach or Composer's AdamW, Lion) and amp_fp16
-(whose loss scaler owns ``found_inf``) take the decision on the host before the step.
+judged there for the log line, the history and a stop. Other optimizers (foreach or Composer's
+AdamW, Lion) and amp_fp16 (whose loss scaler owns ``found_inf``) take the decision on the host
+before the step.
 """
 
 from __future__ import annotations

@@ -81,6 +81,15 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def fit_logged(
+    caplog: pytest.LogCaptureFixture, spec: dict[str, Any], *callbacks: Callback
+) -> tuple[LossGuard | None, list[str]]:
+    """Train; returns the loss guard and the lines it logged."""
+    with caplog.at_level(logging.WARNING, logger="mpt_train.reliability.guards"):
+        guard = fit(spec, *callbacks)
+    return guard, [r.getMessage() for r in caplog.records if "loss guard" in r.getMessage()]
+
+
 def test_nan_loss_is_skipped_and_named(
     mds_dir: Path, in_tmp: Path, caplog: pytest.LogCaptureFixture, kernel: str
 ) -> None:
@@ -88,11 +97,9 @@ def test_nan_loss_is_skipped_and_named(
         mds_dir, kernel, max_duration="6ba", reliability={"loss_guard": {"on_nonfinite": "skip"}}
     )
     watch = WatchStep(3)
-    with caplog.at_level(logging.WARNING, logger="mpt_train.reliability.guards"):
-        guard = fit(spec, ScaleOutputs(3, float("nan")), watch)
+    guard, lines = fit_logged(caplog, spec, ScaleOutputs(3, float("nan")), watch)
     assert guard._on_device == (kernel == "fused")
     assert same(watch.before, watch.after), "a skipped step must leave the weights unchanged"
-    lines = [r.getMessage() for r in caplog.records if "loss guard" in r.getMessage()]
     assert len(lines) == 1
     assert watch.fingerprint and "step 3: loss is nan" in lines[0]
     assert f"rank0={watch.fingerprint};" in lines[0]
@@ -146,10 +153,8 @@ def test_loss_spike_is_skipped(
     guard = {"on_spike": "skip", "min_history": 3, "window": 10, "spike_factor": 2.0}
     spec = guarded(mds_dir, kernel, max_duration="7ba", reliability={"loss_guard": guard})
     watch = WatchStep(6)
-    with caplog.at_level(logging.WARNING, logger="mpt_train.reliability.guards"):
-        fit(spec, ScaleOutputs(6, 200.0), watch)
+    _, lines = fit_logged(caplog, spec, ScaleOutputs(6, 200.0), watch)
     assert same(watch.before, watch.after)
-    lines = [r.getMessage() for r in caplog.records if "loss guard" in r.getMessage()]
     assert len(lines) == 1 and "step 6: loss" in lines[0] and "spiked" in lines[0], lines
 
 
@@ -160,10 +165,8 @@ def test_warn_on_nonfinite_logs_and_keeps_the_update(
         mds_dir, kernel, max_duration="4ba", reliability={"loss_guard": {"on_nonfinite": "warn"}}
     )
     watch = WatchStep(3)
-    with caplog.at_level(logging.WARNING, logger="mpt_train.reliability.guards"):
-        fit(spec, ScaleOutputs(3, float("nan")), watch)
+    _, lines = fit_logged(caplog, spec, ScaleOutputs(3, float("nan")), watch)
     assert any(torch.isnan(t).any() for t in watch.after.values()), "warn must not drop it"
-    lines = [r.getMessage() for r in caplog.records if "loss guard" in r.getMessage()]
     assert "step 3: loss is nan" in lines[0] and all("action: warn" in ln for ln in lines)
 
 
@@ -197,10 +200,8 @@ def test_warn_logs_the_spike_and_keeps_the_update(
     guard = {"on_spike": "warn", "min_history": 3, "window": 10, "spike_factor": 2.0}
     spec = guarded(mds_dir, kernel, max_duration="7ba", reliability={"loss_guard": guard})
     watch = WatchStep(6)
-    with caplog.at_level(logging.WARNING, logger="mpt_train.reliability.guards"):
-        fit(spec, ScaleOutputs(6, 200.0), watch)
+    _, lines = fit_logged(caplog, spec, ScaleOutputs(6, 200.0), watch)
     assert not same(watch.before, watch.after), "warn must not drop the update"
-    lines = [r.getMessage() for r in caplog.records if "loss guard" in r.getMessage()]
     assert len(lines) == 1 and "step 6" in lines[0] and "action: warn" in lines[0], lines
 
 
