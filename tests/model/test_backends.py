@@ -179,28 +179,30 @@ def test_compiled_flex_with_kernel_options_on_gpu_matches_default(make_model) ->
 @pytest.mark.parametrize("backend", ["flash", "cudnn", "efficient"])
 def test_folded_alibi_on_each_gpu_sdpa_kernel_matches_reference(backend: str) -> None:
     """MPT-1B's head shape at 2k tokens in bf16: the widened heads (128 + 8) through each SDPA
-    kernel give the reference's output and gradients."""
+    kernel are as close to the fp32 reference, output and gradients, as plain bf16 ALiBi is."""
     torch.manual_seed(0)
     slopes = alibi_slopes(16, device="cuda")
     base = [torch.randn(2, 16, 2048, 128, device="cuda") for _ in range(3)]
     grad = torch.randn(2, 16, 2048, 128, device="cuda")
 
     def run(impl: str, dtype: torch.dtype, backends: list[str]) -> list[torch.Tensor]:
-        q, k, v = (t.to(dtype).requires_grad_() for t in base)
+        q, k, v = (t.detach().to(dtype).requires_grad_() for t in base)
         out = attend(impl, q, k, v, slopes_H=slopes, softmax_scale=128**-0.5,
                      sdpa_backends=backends)  # fmt: skip
         out.backward(grad.to(dtype))
         return [t.float() for t in (out, q.grad, k.grad, v.grad)]
 
     ref = run("torch", torch.float32, [])
+    plain = run("torch", torch.bfloat16, [])  # the error bf16 itself costs
     try:
         got = run("sdpa", torch.bfloat16, [backend])
     except RuntimeError as err:  # flash must take them: it is what SDPA picks by default
         if "No available kernel" in str(err) and backend != "flash":
             pytest.skip(f"SDPA's {backend} kernel does not take these inputs on this GPU")
         raise
-    for r, g in zip(ref, got, strict=True):
-        torch.testing.assert_close(g, r, atol=3e-2, rtol=3e-2)
+    for name, r, p, g in zip(("out", "dq", "dk", "dv"), ref, plain, got, strict=True):
+        err, bf16_err = ((x - r).norm() / r.norm() for x in (g, p))
+        assert err <= 2 * bf16_err + 1e-3, f"{backend} {name}: {err:.2e} vs bf16 {bf16_err:.2e}"
 
 
 def _flash_missing() -> str | None:
