@@ -222,8 +222,11 @@ def _check_settings(out: OutputDir, opts: ConvertOptions) -> None:
         raise OutputNotWritableError(
             f"cannot access output {out.root!r} ({type(exc).__name__}: {exc})"
         ) from exc
-    if previous is None and out.is_nonempty_local():
-        raise ConvertError(f"output folder {out.root} is not empty and holds no {SETTINGS_FILE}")
+    if previous is None and out.is_nonempty():
+        raise ConvertError(
+            f"output {out.root} is not empty and holds no {SETTINGS_FILE} (not a conversion "
+            "of mpt-train's); use another --out or empty it"
+        )
     if previous is not None:
         old = json.loads(previous)
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}

@@ -114,9 +114,23 @@ class OutputDir:
         if not self.remote:
             shutil.rmtree(self.join(relpath), ignore_errors=True)
 
-    def is_nonempty_local(self) -> bool:
-        """Whether a local root exists and already has entries."""
-        return not self.remote and os.path.isdir(self.root) and bool(os.listdir(self.root))
+    def is_nonempty(self) -> bool:
+        """Whether the root already holds anything: entries of a local folder, or objects under
+        a remote prefix (``s3://b/data`` looks under ``data/``, not at ``data-old/``).
+
+        Where the prefix cannot be listed (a scheme streaming cannot list, or credentials
+        without list permission) this answers False with a warning saying so.
+        """
+        if not self.remote:
+            return os.path.isdir(self.root) and bool(os.listdir(self.root))
+        try:
+            return bool(self._get_uploader().list_objects())
+        except Exception as exc:  # not being able to look is not an error here
+            log.warning(
+                "cannot list %s to check that it is empty (%s: %s); writing into it",
+                self.root, type(exc).__name__, exc,
+            )  # fmt: skip
+            return False
 
     def probe(self, relpath: str, data: bytes) -> None:
         """Write ``data`` to ``relpath`` or raise :class:`OutputNotWritableError` naming the root.

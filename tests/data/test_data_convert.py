@@ -255,3 +255,31 @@ def test_workers_default_to_all_cores() -> None:
     from mpt_train.data.parallel_encode import default_workers
 
     assert default_workers() == len(os.sched_getaffinity(0))
+
+
+def test_refuses_non_empty_foreign_prefix(small_corpus, s3_server, s3_prefix: str) -> None:
+    path, _ = small_corpus
+    bucket_key = s3_prefix.removeprefix(f"s3://{s3_server.bucket}/")
+    client = s3_server.client()
+    client.put_object(Bucket=s3_server.bucket, Key=f"{bucket_key}-old/other.txt", Body=b"x")
+    convert(_opts([path], f"{s3_prefix}-new", max_docs=20))  # a sibling prefix is not inside
+
+    client.put_object(Bucket=s3_server.bucket, Key=f"{bucket_key}/precious.txt", Body=b"keep")
+    with pytest.raises(ConvertError, match=f"{s3_prefix} is not empty"):
+        convert(_opts([path], s3_prefix, max_docs=20))
+    keys = client.list_objects_v2(Bucket=s3_server.bucket, Prefix=f"{bucket_key}/")["Contents"]
+    assert [k["Key"] for k in keys] == [f"{bucket_key}/precious.txt"]  # nothing written
+
+
+def test_prefix_that_cannot_be_listed_is_written_with_a_warning(monkeypatch, caplog) -> None:
+    """Credentials may allow get and put but not list: the check steps aside, saying so."""
+    from mpt_train.data.storage import OutputDir
+
+    class NoListing:
+        def list_objects(self, prefix=None):
+            raise PermissionError("AccessDenied: s3:ListBucket")
+
+    out = OutputDir("s3://bucket/mds")
+    monkeypatch.setattr(out, "_get_uploader", NoListing)
+    assert out.is_nonempty() is False
+    assert "cannot list s3://bucket/mds" in caplog.text and "AccessDenied" in caplog.text
