@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -167,6 +168,22 @@ class StreamingTextDataset(StreamingDataset):
             )
             self._shard_failure = err
             raise err from exc
+
+    def on_exception(self, future: Future) -> None:
+        """Streaming's hook for a failed background thread, without its re-raise.
+
+        Raising inside a future's callback reaches no caller: ``concurrent.futures`` only logs
+        it as an ERROR with two tracebacks, printed before the one-line error that
+        :meth:`__iter__` raises for the same shard. A shard failure is left to that error;
+        anything else is logged here once, with its traceback.
+        """
+        if future.cancelled() or (exc := future.exception()) is None:
+            return
+        self._event.set()  # as streaming: the other threads and the sample loop stop
+        if isinstance(exc, DataReadError) and self._shard_failure is not None:
+            log.debug("background shard preparation stopped: %s", exc)
+        else:
+            log.error("a background shard thread failed", exc_info=exc)
 
     def _prepare_thread(self, it: Any) -> None:
         """Streaming's download thread, counted as exited even when a shard fails.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -157,7 +158,7 @@ def _corrupt_first_shard(root: Path) -> Path:
     return shard
 
 
-def test_corrupt_shard_names_the_shard(converted: Path, tmp_path: Path) -> None:
+def test_corrupt_shard_names_the_shard(converted: Path, tmp_path: Path, caplog) -> None:
     # Flipped bytes inside a zstd frame decompress without error: only the hash catches them,
     # and it is checked by default.
     data = tmp_path / "data"
@@ -166,6 +167,24 @@ def test_corrupt_shard_names_the_shard(converted: Path, tmp_path: Path) -> None:
     loader = build_text_dataloader(_loader(local=str(data)), None, 2)
     with pytest.raises(DataReadError, match=f"cannot read shard {shard}: ValueError: Checksum"):
         list(loader)
+    # The one-line error is the whole report: no traceback logged from the download thread.
+    loader.dataset._executor.shutdown(wait=True)  # its failure callback has run
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_unexpected_background_failure_is_logged_with_its_traceback(converted, caplog) -> None:
+    """Only a shard's own failure is left to the one-line error: anything else is logged."""
+    from concurrent.futures import Future
+
+    loader = build_text_dataloader(_loader(local=str(converted)), None, 2)
+    batches = iter(loader)
+    next(batches)
+    failed: Future = Future()
+    failed.set_exception(RuntimeError("boom"))
+    loader.dataset.on_exception(failed)
+    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert record.getMessage() == "a background shard thread failed" and record.exc_info
+    assert loader.dataset._event.is_set()  # streaming's sample loop stops, as before
 
 
 def test_truncated_shard_names_the_shard(converted: Path, tmp_path: Path) -> None:
