@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 from typing import Any
 
 import torch
@@ -77,19 +78,36 @@ def check_attention_impl(impl: str, sdpa_backends: tuple[str, ...] | list[str] =
         if reason is not None:
             raise ConfigError("attn_config.impl", f"'flex' needs torch >= 2.5: {reason}")
     elif impl == "flash":
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError as err:
+        reason = flash_attn_2_missing()
+        if reason is not None:
             raise ConfigError(
                 "attn_config.impl",
-                f"'flash' needs the flash-attn package, which is not importable ({err}); "
-                "install flash-attn>=2.4 on a CUDA machine or use one of: torch, sdpa, flex",
-            ) from None
+                f"'flash' needs the flash-attn package: {reason}; install flash-attn>=2.4 on "
+                "a CUDA machine or use one of: torch, sdpa, flex",
+            )
         if not torch.cuda.is_available():
             raise ConfigError(
                 "attn_config.impl",
                 "'flash' needs a CUDA GPU and none is available; use one of: torch, sdpa, flex",
             )
+
+
+def flash_attn_2_missing() -> str | None:
+    """Why flash-attn's ``flash_attn_func`` with ``alibi_slopes`` (2.4+) cannot be used, or None.
+
+    Importing ``flash_attn`` is not enough: flash-attn 4 alone installs only ``flash_attn.cute``,
+    which makes ``flash_attn`` an importable namespace package without ``flash_attn_func``.
+    """
+    try:
+        import flash_attn
+        from flash_attn import flash_attn_func  # noqa: F401
+    except ImportError as err:
+        return f"flash_attn_func is not importable ({err})"
+    version = str(getattr(flash_attn, "__version__", ""))
+    parts = re.findall(r"\d+", version)[:2]
+    if len(parts) < 2 or (int(parts[0]), int(parts[1])) < (2, 4):
+        return f"flash-attn {version or '(no version)'} has no alibi_slopes, which came in 2.4"
+    return None
 
 
 def _repeat_kv(x_BGKD: torch.Tensor, n_heads: int) -> torch.Tensor:

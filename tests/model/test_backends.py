@@ -11,6 +11,7 @@ import torch
 
 from mpt_train.model import MPTModel, attend
 from mpt_train.model.alibi import alibi_slopes
+from mpt_train.model.attention import flash_attn_2_missing
 from tests.model.conftest import clone_with
 
 IMPLS = ["sdpa", "flex"]
@@ -208,10 +209,9 @@ def test_folded_alibi_on_each_gpu_sdpa_kernel_matches_reference(backend: str) ->
 def _flash_missing() -> str | None:
     if not torch.cuda.is_available():
         return "flash-attn runs on CUDA GPUs only"
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return "flash-attn is not installed (pip install 'mpt-train[gpu]')"
+    reason = flash_attn_2_missing()
+    if reason is not None:
+        return f"flash-attn 2 is not usable here ({reason}; pip install 'mpt-train[gpu]')"
     return None
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pytest
 from omegaconf import OmegaConf
 
 from mpt_train.errors import ConfigError
 from mpt_train.model import AttentionConfig, InitConfig, MPTConfig, build_model
+from mpt_train.model.attention import flash_attn_2_missing
 from tests.model.conftest import TINY, tiny_config
 
 BAD_MODEL_FIELDS = [
@@ -102,12 +104,40 @@ def test_omegaconf_structured_round_trip() -> None:
         OmegaConf.to_object(OmegaConf.merge(schema, bad))
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here"
-)
+@pytest.mark.skipif(flash_attn_2_missing() is None, reason="flash-attn 2 is installed here")
 def test_flash_without_flash_attn_fails_at_build() -> None:
     cfg = tiny_config(attn={"impl": "flash"})  # the config itself is valid
     with pytest.raises(ConfigError) as info:
         build_model(cfg)
     assert info.value.key == "attn_config.impl"
     assert "flash-attn" in str(info.value) and "torch, sdpa, flex" in str(info.value)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here"
+)
+def test_flash_attn_4_alone_is_not_taken_for_flash_attn_2(tmp_path, monkeypatch) -> None:
+    """flash-attn 4 ships only ``flash_attn.cute``: ``import flash_attn`` then succeeds (a
+    namespace package) but there is no ``flash_attn_func``; that must fail at build, too."""
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)  # dropped again afterwards
+    importlib.import_module("flash_attn")  # the trap: this works
+    cfg = tiny_config(attn={"impl": "flash"})
+    with pytest.raises(ConfigError, match="flash_attn_func is not importable") as info:
+        build_model(cfg)
+    assert info.value.key == "attn_config.impl"
+
+
+def test_flash_attn_before_2_4_is_refused(tmp_path, monkeypatch) -> None:
+    """alibi_slopes came in flash-attn 2.4: an older one is refused by name and version."""
+    pkg = tmp_path / "flash_attn"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text('__version__ = "2.3.6"\ndef flash_attn_func(*a, **k): ...\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    assert flash_attn_2_missing() == "flash-attn 2.3.6 has no alibi_slopes, which came in 2.4"
+    (pkg / "__init__.py").write_text('__version__ = "2.7.4.post1"\ndef flash_attn_func(): ...\n')
+    monkeypatch.delitem(sys.modules, "flash_attn")
+    assert flash_attn_2_missing() is None
