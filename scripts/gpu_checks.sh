@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The checks a CPU-only CI cannot run, in one go on a GPU node, most important first, inside a
 # time budget (a short reservation):   bash scripts/gpu_checks.sh OUT_DIR [SECONDS=540]
-#   1. attention alone: FlexAttention with ALiBi (also on FlashAttention-4's kernels when the
-#      flash-attn-4 package is installed) and SDPA with ALiBi folded into the heads (on each
-#      SDPA kernel) against SDPA's causal kernel (each checked against the reference first),
-#      the ratio ALiBi costs;
+#   1. attention alone: FlexAttention with ALiBi (also on FlashAttention-4's kernels when
+#      flash-attn-4 and torch >= 2.9 are installed) and SDPA with ALiBi folded into the heads
+#      (on each SDPA kernel) against SDPA's causal kernel (each checked against the reference
+#      first), the ratio ALiBi costs;
 #   2. the rows of the single-H100 table (yamls/benchmarks/h100.yaml) with the least recent
 #      figures, through the real trainer: mpt-1b one micro batch per step (the anchor to
-#      compare runs by), the same on FlashAttention-4 (when installed), the mpt-1b spec's global batch of 512 in micro batches of 8, 1b with
-#      every option off (its losses are compared with mpt-1b's), 3b with activation
-#      checkpointing;
+#      compare runs by), the same on FlashAttention-4 (when installed), the mpt-1b spec's
+#      global batch of 512 in micro batches of 8, 1b with every option off (its losses are
+#      compared with mpt-1b's), 3b with activation checkpointing;
 #   3. MPT-1B profiled (--profile): the kernels that take the time and the gaps where the GPU
 #      waits, with the host ops inside them;
 #   4. the rest of the table: 1b accumulating 8, the 1b spec as written, 1b with the step end
@@ -38,9 +38,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c 'import torch, composer, streaming; print("torch", torch.__version__,
     "composer", composer.__version__, "streaming", streaming.__version__)' | tee -a "$out/gpu.txt"
 
-# With flash-attn 4 installed, FlexAttention can run on its CuTe kernels: time that too.
+# With flash-attn 4 installed and torch >= 2.9 (FlexAttention's BACKEND option), FlexAttention
+# can run on FlashAttention-4's CuTe kernels: time that too.
 fa4_opts=() fa4_rows=()
-if python3 -c 'import flash_attn.cute' 2>/dev/null; then
+if python3 -c 'import sys, torch, flash_attn.cute
+sys.exit(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 9))' 2>/dev/null; then
   fa4_opts=(--flex-options '{"BACKEND": "FLASH"}') fa4_rows=(mpt-1b-fa4)
 fi
 timeout 120 python3 scripts/bench_attention.py --batch 8 --heads 16 --seq 2048 --head-dim 128 \

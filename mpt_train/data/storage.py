@@ -69,8 +69,13 @@ class OutputDir:
         if self._uploader is None:
             from streaming.base.storage import CloudUploader
 
-            self._stage = tempfile.mkdtemp(prefix="mpt-train-upload-")
-            self._uploader = CloudUploader.get(out=(self._stage, self.root), keep_local=False)
+            stage = tempfile.mkdtemp(prefix="mpt-train-upload-")
+            try:
+                self._uploader = CloudUploader.get(out=(stage, self.root), keep_local=False)
+            except BaseException:
+                shutil.rmtree(stage, ignore_errors=True)  # each failed attempt made its own
+                raise
+            self._stage = stage
         return self._uploader
 
     def write_bytes(self, relpath: str, data: bytes) -> None:
@@ -116,15 +121,17 @@ class OutputDir:
 
     def is_nonempty(self) -> bool:
         """Whether the root already holds anything: entries of a local folder, or objects under
-        a remote prefix (``s3://b/data`` looks under ``data/``, not at ``data-old/``).
+        a remote prefix (``s3://b/data`` looks under ``data/``, not at ``data-old/``). Folder
+        markers (keys ending in ``/``, which bucket consoles create) do not count.
 
-        Where the prefix cannot be listed (a scheme streaming cannot list, or credentials
-        without list permission) this answers False with a warning saying so.
+        Streaming lists ``s3://``, ``gs://`` and ``oci://`` prefixes. Elsewhere (Azure, DBFS,
+        the Hugging Face hub) or when listing fails, this answers False with a warning.
         """
         if not self.remote:
             return os.path.isdir(self.root) and bool(os.listdir(self.root))
         try:
-            return bool(self._get_uploader().list_objects())
+            keys = self._get_uploader().list_objects() or []
+            return any(not key.endswith("/") for key in keys)
         except Exception as exc:  # not being able to look is not an error here
             log.warning(
                 "cannot list %s to check that it is empty (%s: %s); writing into it",

@@ -263,6 +263,8 @@ def test_refuses_non_empty_foreign_prefix(small_corpus, s3_server, s3_prefix: st
     client = s3_server.client()
     client.put_object(Bucket=s3_server.bucket, Key=f"{bucket_key}-old/other.txt", Body=b"x")
     convert(_opts([path], f"{s3_prefix}-new", max_docs=20))  # a sibling prefix is not inside
+    client.put_object(Bucket=s3_server.bucket, Key=f"{bucket_key}-console/", Body=b"")
+    convert(_opts([path], f"{s3_prefix}-console", max_docs=20))  # a folder marker is empty
 
     client.put_object(Bucket=s3_server.bucket, Key=f"{bucket_key}/precious.txt", Body=b"keep")
     with pytest.raises(ConvertError, match=f"{s3_prefix} is not empty"):
@@ -272,14 +274,15 @@ def test_refuses_non_empty_foreign_prefix(small_corpus, s3_server, s3_prefix: st
 
 
 def test_prefix_that_cannot_be_listed_is_written_with_a_warning(monkeypatch, caplog) -> None:
-    """Credentials may allow get and put but not list: the check steps aside, saying so."""
+    """Streaming cannot list every scheme (Azure, DBFS): the check steps aside, saying so."""
     from mpt_train.data.storage import OutputDir
 
-    class NoListing:
+    class NoListing:  # streaming's AzureUploader, as far as listing goes
         def list_objects(self, prefix=None):
-            raise PermissionError("AccessDenied: s3:ListBucket")
+            raise NotImplementedError("AzureUploader.list_objects is not implemented")
 
-    out = OutputDir("s3://bucket/mds")
+    out = OutputDir("azure://container/mds")
     monkeypatch.setattr(out, "_get_uploader", NoListing)
     assert out.is_nonempty() is False
-    assert "cannot list s3://bucket/mds" in caplog.text and "AccessDenied" in caplog.text
+    assert "cannot list azure://container/mds" in caplog.text
+    assert "AzureUploader.list_objects is not implemented" in caplog.text

@@ -113,16 +113,34 @@ def test_flash_without_flash_attn_fails_at_build() -> None:
     assert "flash-attn" in str(info.value) and "torch, sdpa, flex" in str(info.value)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here"
-)
-def test_flash_attn_4_alone_is_not_taken_for_flash_attn_2(tmp_path, monkeypatch) -> None:
+@pytest.fixture
+def fake_flash_attn(tmp_path, monkeypatch):
+    """Install fake ``flash_attn`` packages for one test: ``make(init)`` puts one on sys.path
+    (``init`` None: flash-attn 4's namespace-only layout). Whatever ``flash_attn`` modules
+    were imported before are back afterwards, and the fakes are gone."""
+    saved = {k: m for k, m in sys.modules.items() if k.split(".")[0] == "flash_attn"}
+
+    def make(init: str | None) -> None:
+        for key in [k for k in sys.modules if k.split(".")[0] == "flash_attn"]:
+            del sys.modules[key]
+        root = tmp_path / f"site{len(sys.path)}"  # a new folder each time: no stale bytecode
+        pkg = root / "flash_attn"
+        (pkg / "cute").mkdir(parents=True)
+        (pkg / "cute" / "__init__.py").write_text("")
+        if init is not None:
+            (pkg / "__init__.py").write_text(init)
+        monkeypatch.syspath_prepend(str(root))
+
+    yield make
+    for key in [k for k in sys.modules if k.split(".")[0] == "flash_attn"]:
+        del sys.modules[key]
+    sys.modules.update(saved)
+
+
+def test_flash_attn_4_alone_is_not_taken_for_flash_attn_2(fake_flash_attn) -> None:
     """flash-attn 4 ships only ``flash_attn.cute``: ``import flash_attn`` then succeeds (a
     namespace package) but there is no ``flash_attn_func``; that must fail at build, too."""
-    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
-    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)  # dropped again afterwards
+    fake_flash_attn(None)
     importlib.import_module("flash_attn")  # the trap: this works
     cfg = tiny_config(attn={"impl": "flash"})
     with pytest.raises(ConfigError, match="flash_attn_func is not importable") as info:
@@ -130,14 +148,13 @@ def test_flash_attn_4_alone_is_not_taken_for_flash_attn_2(tmp_path, monkeypatch)
     assert info.value.key == "attn_config.impl"
 
 
-def test_flash_attn_before_2_4_is_refused(tmp_path, monkeypatch) -> None:
+def test_flash_attn_before_2_4_is_refused(fake_flash_attn) -> None:
     """alibi_slopes came in flash-attn 2.4: an older one is refused by name and version."""
-    pkg = tmp_path / "flash_attn"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text('__version__ = "2.3.6"\ndef flash_attn_func(*a, **k): ...\n')
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    fake_flash_attn('__version__ = "2.3.6"\ndef flash_attn_func(*a, **k): ...\n')
     assert flash_attn_2_missing() == "flash-attn 2.3.6 has no alibi_slopes, which came in 2.4"
-    (pkg / "__init__.py").write_text('__version__ = "2.7.4.post1"\ndef flash_attn_func(): ...\n')
-    monkeypatch.delitem(sys.modules, "flash_attn")
+    fake_flash_attn('__version__ = "2.10.0"\ndef flash_attn_func(*a, **k): ...\n')
     assert flash_attn_2_missing() is None
+    fake_flash_attn("def flash_attn_func(*a, **k): ...\n")
+    assert (
+        flash_attn_2_missing() == "flash-attn (no version) has no alibi_slopes, which came in 2.4"
+    )
