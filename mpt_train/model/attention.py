@@ -57,7 +57,11 @@ _SDPA_BACKENDS = {
 }
 
 
-def check_attention_impl(impl: str, sdpa_backends: tuple[str, ...] | list[str] = ()) -> None:
+def check_attention_impl(
+    impl: str,
+    sdpa_backends: tuple[str, ...] | list[str] = (),
+    flex_kernel_options: dict[str, Any] | None = None,
+) -> None:
     """Fail at build time, not at the first step, when a kernel cannot run here."""
     if impl == "sdpa" and torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed():
         raise ConfigError(
@@ -77,6 +81,7 @@ def check_attention_impl(impl: str, sdpa_backends: tuple[str, ...] | list[str] =
         reason = flex_attention_available()
         if reason is not None:
             raise ConfigError("attn_config.impl", f"'flex' needs torch >= 2.5: {reason}")
+        _check_flex_backend((flex_kernel_options or {}).get("BACKEND"))
     elif impl == "flash":
         reason = flash_attn_2_missing()
         if reason is not None:
@@ -90,6 +95,36 @@ def check_attention_impl(impl: str, sdpa_backends: tuple[str, ...] | list[str] =
                 "attn_config.impl",
                 "'flash' needs a CUDA GPU and none is available; use one of: torch, sdpa, flex",
             )
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = re.findall(r"\d+", torch.__version__)[:2]
+    return int(major), int(minor)
+
+
+def _check_flex_backend(backend: Any) -> None:
+    """FlexAttention's ``BACKEND`` kernel option (torch 2.9+): ``FLASH`` runs the score_mod on
+    FlashAttention-4's CuTe kernels, which need the flash-attn-4 package and a Hopper or newer
+    GPU. Without these Inductor fails only when it compiles the first step."""
+    if backend is None:
+        return
+    key = "attn_config.flex_kernel_options"
+    if _torch_version() < (2, 9):
+        raise ConfigError(
+            key, f"BACKEND {backend!r} needs torch >= 2.9; this is torch {torch.__version__}"
+        )
+    if str(backend).upper() != "FLASH":
+        return
+    try:
+        import flash_attn.cute  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(
+            key,
+            f"BACKEND 'FLASH' runs FlashAttention-4's kernels, which need the flash-attn-4 "
+            f"package ({err}); install it on a Hopper or newer GPU machine or drop BACKEND",
+        ) from None
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        raise ConfigError(key, "BACKEND 'FLASH' needs a Hopper or newer GPU (sm90+)")
 
 
 def flash_attn_2_missing() -> str | None:
@@ -321,7 +356,7 @@ class MPTAttention(nn.Module):
     def __init__(self, cfg: MPTConfig) -> None:
         super().__init__()
         acfg = cfg.attn_config
-        check_attention_impl(acfg.impl, acfg.sdpa_backends)
+        check_attention_impl(acfg.impl, acfg.sdpa_backends, acfg.flex_kernel_options)
         self.impl = acfg.impl
         self.n_heads, self.kv_n_heads, self.head_dim = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
         self.clip_qkv = acfg.clip_qkv
