@@ -97,9 +97,14 @@ def check_attention_impl(
             )
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    """``"2.7.4.post1"`` -> ``(2, 7)``; ``(0, 0)`` when there is no such pair."""
+    parts = re.findall(r"\d+", version)[:2]
+    return (int(parts[0]), int(parts[1])) if len(parts) == 2 else (0, 0)
+
+
 def _torch_version() -> tuple[int, int]:
-    major, minor = re.findall(r"\d+", torch.__version__)[:2]
-    return int(major), int(minor)
+    return _major_minor(torch.__version__)
 
 
 def _check_flex_backend(backend: Any) -> None:
@@ -139,8 +144,7 @@ def flash_attn_2_missing() -> str | None:
     except ImportError as err:
         return f"flash_attn_func is not importable ({err})"
     version = str(getattr(flash_attn, "__version__", ""))
-    parts = re.findall(r"\d+", version)[:2]
-    if len(parts) < 2 or (int(parts[0]), int(parts[1])) < (2, 4):
+    if _major_minor(version) < (2, 4):
         return f"flash-attn {version or '(no version)'} has no alibi_slopes, which came in 2.4"
     return None
 
