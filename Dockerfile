@@ -37,7 +37,8 @@ RUN pip install --no-cache-dir \
         wandb==0.28.2 \
         "tqdm>=4.66" \
         "datasets>=3" \
-        "matplotlib>=3.8"
+        "matplotlib>=3.8" \
+        nvidia-cudnn-frontend==1.16.0
 
 WORKDIR /workspace/mpt-train
 COPY --chown=1000:1000 pyproject.toml README.md train.py ./

@@ -371,9 +371,11 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
     cfg = replace(cfg, run_name=run_name)
     world = dist.get_world_size()
     precision = _precision(cfg, device)
-    if cfg.model.attn_config.impl == "flash" and precision == "fp32":
+    impl = cfg.model.attn_config.impl
+    if impl in ("flash", "cudnn") and precision == "fp32":
         raise ConfigError(
-            "model.attn_config.impl", "'flash' needs bf16/fp16 activations; use precision amp_bf16"
+            "model.attn_config.impl",
+            f"{impl!r} needs bf16/fp16 activations; use precision amp_bf16",
         )
     c = cfg.compile
     if (

@@ -3,11 +3,14 @@
 Rows: ``torch`` (reference, ALiBi), ``sdpa+alibi folded`` (ALiBi folded into the heads,
 ``is_causal``: impl ``sdpa``), ``sdpa+alibi dense bias`` (SDPA given an additive [H, S, S]
 ALiBi + causal mask, for comparison), ``sdpa causal`` (``is_causal``, no ALiBi: the floor ALiBi
-costs are measured against), ``flex+alibi`` (FlexAttention, ALiBi score_mod, compiled),
-``flex+alibi eager`` when compiling is impossible here, and ``flash+alibi`` when flash-attn is
-importable on a GPU. On a GPU the folded and causal rows are repeated with SDPA limited to
-one kernel each (``[flash]``, ``[cudnn]``, ``[efficient]``: ``attn_config.sdpa_backends``).
-Every row's output is checked against the torch reference.
+costs are measured against), ``flex+alibi`` (FlexAttention, ALiBi score_mod, compiled; and
+without ALiBi, which separates ALiBi's cost from the kernel's), ``flex+alibi eager`` when
+compiling is impossible here, ``flash+alibi`` when flash-attn is importable on a GPU, and
+``cudnn+alibi`` (cuDNN's fused kernel adding ALiBi itself, impl ``cudnn``; with its no-ALiBi
+twin) when the cuDNN frontend is. On a GPU the folded and causal rows are repeated with SDPA
+limited to one kernel each (``[flash]``, ``[cudnn]``, ``[efficient]``:
+``attn_config.sdpa_backends``). Every row's output is checked against the torch reference
+(with or without ALiBi, as the row computes).
 
     python scripts/bench_attention.py --batch 2 --heads 4 --seq 256 --head-dim 32 --device cpu
 """
@@ -93,6 +96,10 @@ def kernels(
         "flex+alibi compiled": lambda q, k, v: flex_attend(
             q, k, v, slopes_H=slopes, softmax_scale=scale, compiled=True
         ),
+        # Plain causal FlexAttention: how much of flex+alibi's gap to SDPA is ALiBi's.
+        "flex causal (no alibi) compiled": lambda q, k, v: flex_attend(
+            q, k, v, slopes_H=None, softmax_scale=scale, compiled=True
+        ),
         "flex+alibi eager": lambda q, k, v: flex_attend(
             q, k, v, slopes_H=slopes, softmax_scale=scale, compiled=False
         ),
@@ -125,6 +132,16 @@ def kernels(
         )
     except ValueError as err:
         logger.info("flash row skipped: %s", err)
+    try:
+        check_attention_impl("cudnn")
+        rows["cudnn+alibi"] = lambda q, k, v: attend(
+            "cudnn", q, k, v, slopes_H=slopes, softmax_scale=scale
+        )
+        rows["cudnn causal (no alibi)"] = lambda q, k, v: attend(
+            "cudnn", q, k, v, slopes_H=None, softmax_scale=scale
+        )
+    except ValueError as err:
+        logger.info("cudnn rows skipped: %s", err)
     return rows
 
 
@@ -175,11 +192,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = kernels(args.heads, scale, device, tuple(args.flex_modes), tuple(args.flex_options))
     with torch.no_grad():
         ref = rows["torch+alibi"](q, k, v).float()
+        ref_causal = attend("torch", q, k, v, slopes_H=None, softmax_scale=scale).float()
     results: dict[str, float | str] = {}
     for name, fn in rows.items():
         if name == "flex+alibi eager" and device.type == "cuda":
             continue  # the compiled row is the GPU path; eager materialises S x S scores
-        if name.startswith("flex+alibi ") and name != "flex+alibi eager":
+        if name.startswith(("flex+alibi ", "flex causal")) and name != "flex+alibi eager":
             if device.type != "cuda":
                 results[name] = "n/a: compiled FlexAttention needs CUDA here"
                 continue
@@ -189,11 +207,10 @@ def main(argv: list[str] | None = None) -> None:
         try:
             with torch.no_grad():
                 out = fn(q, k, v).float()
-            if not name.startswith("sdpa causal (no alibi)"):
-                err = (out - ref).abs().max().item()
-                tol = 1e-3 if dtype == torch.float32 else 5e-2
-                if err > tol:
-                    raise RuntimeError(f"output differs from torch reference by {err:.2e}")
+            err = (out - (ref_causal if "(no alibi)" in name else ref)).abs().max().item()
+            tol = 1e-3 if dtype == torch.float32 else 5e-2
+            if err > tol:
+                raise RuntimeError(f"output differs from torch reference by {err:.2e}")
             results[name] = time_fwd_bwd(fn, q, k, v, grad_out, args.warmup, args.iters)
         except Exception as err:  # report the kernel as unavailable, keep benchmarking others
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

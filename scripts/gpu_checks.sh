@@ -7,15 +7,17 @@
 #      first), the ratio ALiBi costs;
 #   2. the rows of the single-H100 table (yamls/benchmarks/h100.yaml) with the least recent
 #      figures, through the real trainer: mpt-1b one micro batch per step (the anchor to
-#      compare runs by), the same on FlashAttention-4 (when installed), the mpt-1b spec's
-#      global batch of 512 in micro batches of 8, 1b with every option off (its losses are
-#      compared with mpt-1b's), 3b with activation checkpointing;
+#      compare runs by), the same on cuDNN's ALiBi kernel (impl cudnn, when its frontend is
+#      installed), the mpt-1b spec's global batch of 512 in micro batches of 8, 1b with every
+#      option off (its losses are compared with mpt-1b's);
 #   3. MPT-1B profiled (--profile): the kernels that take the time and the gaps where the GPU
 #      waits, with the host ops inside them;
-#   4. the rest of the table: 1b accumulating 8, the 1b spec as written, 1b with the step end
-#      beside the update, the 125m spec with every option and without (losses compared step by
-#      step), 350m, 3b, 1b on folded SDPA, with larger batches and on cuDNN; rows left when the
-#      time is spent are listed as not run;
+#   4. the rest of the table: 1b accumulating 8 (also on impl cudnn), the spec's global batch
+#      in micro batches of 8 on impl cudnn, the 1b spec as written, 1b with the step end beside
+#      the update, the 125m spec with every option and without (losses compared step by step),
+#      350m, 3b, 3b with activation checkpointing, 1b on folded SDPA, with larger batches, on
+#      SDPA's cuDNN kernel and on FlashAttention-4 (when installed); rows left when the time is
+#      spent are listed as not run;
 #   5. the GPU-only tests.
 # OUT_DIR gets gpu.txt, attention.txt, profile.txt, table.txt, rows.json, losses.txt, tests.txt and logs/
 # (each row's whole output).
@@ -40,7 +42,8 @@ python3 -c 'import torch, composer, streaming; print("torch", torch.__version__,
 
 # With flash-attn 4 installed and torch >= 2.9 (FlexAttention's BACKEND option), FlexAttention
 # can run on FlashAttention-4's CuTe kernels: time that too.
-fa4_opts=() fa4_rows=()
+fa4_opts=() fa4_rows=() cudnn_rows=()
+python3 -c 'import cudnn' 2>/dev/null && cudnn_rows=(mpt-1b-cudnn)
 if python3 -c 'import sys, torch, flash_attn.cute
 sys.exit(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 9))' 2>/dev/null; then
   fa4_opts=(--flex-options '{"BACKEND": "FLASH"}') fa4_rows=(mpt-1b-fa4)
@@ -57,7 +60,8 @@ table() {
     --budget-s $((left > 0 ? left : 0)) --json "$json" --logs "$out/logs" 2>&1 | tee -a "$out/table.txt"
 }
 : >"$out/table.txt"
-table "$out/rows-key.json" "$tests_s" mpt-1b ${fa4_rows[@]+"${fa4_rows[@]}"} mpt-1b-spec-mb8 mpt-1b-plain mpt-3b-ac
+table "$out/rows-key.json" "$tests_s" mpt-1b ${cudnn_rows[@]+"${cudnn_rows[@]}"} mpt-1b-spec-mb8 \
+  mpt-1b-plain
 
 # The profile gets at most 150 s and only what leaves the tests 60 s more; its Chrome trace
 # stays on the node (/tmp/mpt-train-profile), too large to bring back.
@@ -70,8 +74,9 @@ else
   echo "profile not run: the time budget was spent" | tee "$out/profile.txt"
 fi
 
-table "$out/rows-rest.json" "$tests_s" mpt-1b-accum8 mpt-1b-spec mpt-1b-overlap mpt-125m \
-  mpt-125m-plain mpt-350m mpt-3b mpt-1b-sdpa mpt-1b-mb8 mpt-1b-mb10 mpt-1b-sdpa-cudnn
+table "$out/rows-rest.json" "$tests_s" mpt-1b-accum8 mpt-1b-accum8-cudnn mpt-1b-spec-mb8-cudnn \
+  mpt-1b-spec mpt-1b-overlap mpt-125m mpt-125m-plain mpt-350m mpt-3b mpt-3b-ac mpt-1b-sdpa \
+  mpt-1b-mb8 mpt-1b-mb10 mpt-1b-sdpa-cudnn ${fa4_rows[@]+"${fa4_rows[@]}"}
 python3 - "$out"/rows-key.json "$out"/rows-rest.json >"$out/rows.json" <<'PY'
 import json, sys
 rows = []
@@ -87,13 +92,14 @@ rm -f "$out"/rows-key.json "$out"/rows-rest.json
 python3 - "$out/rows.json" <<'PY' 2>&1 | tee "$out/losses.txt"
 import json, sys
 rows = {r["name"]: r["result"] for r in json.load(open(sys.argv[1]))}
-for fast in ("mpt-125m", "mpt-1b"):
-    a, b = rows.get(fast, {}).get("losses"), rows.get(fast + "-plain", {}).get("losses")
+pairs = [("mpt-125m", "mpt-125m-plain"), ("mpt-1b", "mpt-1b-plain"), ("mpt-1b-cudnn", "mpt-1b")]
+for fast, base in pairs:
+    a, b = rows.get(fast, {}).get("losses"), rows.get(base, {}).get("losses")
     if not a or not b:
         print(f"{fast}: no pair of losses to compare")
         continue
     diff = max(abs(x - y) for x, y in zip(a, b))
-    print(f"{fast} vs {fast}-plain, per-step loss (same seed, same batches); max |diff| {diff:.4f}")
+    print(f"{fast} vs {base}, per-step loss (same seed, same batches); max |diff| {diff:.4f}")
     for step, (x, y) in enumerate(zip(a, b), 1):
         print(f"  step {step:2d}: {x:.4f} {y:.4f}")
 PY
@@ -101,7 +107,8 @@ PY
 left=$((end - SECONDS))
 if ((left > 20)); then
   timeout "$left" python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/model/test_backends.py \
-    tests/training/test_perf_options.py tests/training/test_host_waits.py 2>&1 | tee "$out/tests.txt"
+    tests/model/test_cudnn_attention.py tests/training/test_perf_options.py \
+    tests/training/test_host_waits.py 2>&1 | tee "$out/tests.txt"
 else
   echo "GPU tests not run: the time budget was spent" | tee "$out/tests.txt"
 fi

@@ -1,5 +1,5 @@
 """MPT self-attention: fused QKV projection, optional QK-LayerNorm / clipping, GQA, KV cache,
-and four kernels that all apply the same causal mask, ALiBi bias and document mask.
+and five kernels that all apply the same causal mask, ALiBi bias and document mask.
 
 Kernels (``AttentionConfig.impl``, mapped by plain if/else in :func:`attend`):
   * ``torch``  explicit matmul + fp32 softmax; the readable reference.
@@ -9,6 +9,9 @@ Kernels (``AttentionConfig.impl``, mapped by plain if/else in :func:`attend`):
                while decoding over a cache.
   * ``flex``   FlexAttention with an ALiBi ``score_mod`` (see :mod:`mpt_train.model.flex`).
   * ``flash``  flash-attn 2 with ``alibi_slopes`` (GPU only, checked at build time).
+  * ``cudnn``  cuDNN's fused attention with ALiBi inside the kernel
+               (:mod:`mpt_train.model.cudnn_attention`; GPU only, checked at build time).
+               Decoding over a cache and fp32 inputs run the ``sdpa`` path.
 Queries are always the last Q positions of the K keys (Q < K while decoding with a cache).
 
 Legend: B batch, S new tokens, H query heads, G key/value heads, Q query length,
@@ -31,6 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from mpt_train.errors import ConfigError
 from mpt_train.model.alibi import alibi_bias, alibi_slopes, fold_alibi
 from mpt_train.model.config import MPTConfig
+from mpt_train.model.cudnn_attention import cudnn_attend, cudnn_attention_missing
 from mpt_train.model.flex import BlockMask, flex_attend, flex_attention_available, flex_block_mask
 from mpt_train.model.norm import build_norm
 
@@ -94,6 +98,14 @@ def check_attention_impl(
             raise ConfigError(
                 "attn_config.impl",
                 "'flash' needs a CUDA GPU and none is available; use one of: torch, sdpa, flex",
+            )
+    elif impl == "cudnn":
+        reason = cudnn_attention_missing()
+        if reason is not None:
+            raise ConfigError(
+                "attn_config.impl",
+                f"'cudnn' cannot run here: {reason}; pip install 'mpt-train[gpu]' on a CUDA "
+                "machine or use one of: torch, sdpa, flex",
             )
 
 
@@ -275,7 +287,7 @@ def shared_mask(
     """
     if impl == "flex" and q_len == k_len:
         return flex_block_mask(q_len, seq_id_BS, device)
-    if impl in ("sdpa", "flex") and _needs_mask(slopes_H, seq_id_BS, q_len, k_len):
+    if impl in ("sdpa", "flex", "cudnn") and _needs_mask(slopes_H, seq_id_BS, q_len, k_len):
         bias = None if _folds_alibi(slopes_H, q_len, k_len) else slopes_H
         return sdpa_mask(bias, q_len, k_len, seq_id_BS, dtype, device)
     return None
@@ -327,6 +339,8 @@ def attend(
     n_heads, q_len, k_len = q_BHQD.shape[1], q_BHQD.shape[2], k_BGKD.shape[2]
     if impl == "flash":
         return _flash_attend(q_BHQD, k_BGKD, v_BGKD, slopes_H, softmax_scale, dropout_p)
+    if impl == "cudnn" and q_len == k_len and q_BHQD.dtype in (torch.bfloat16, torch.float16):
+        return cudnn_attend(q_BHQD, k_BGKD, v_BGKD, slopes_H is not None, softmax_scale)
     if impl == "flex" and q_len == k_len:
         return flex_attend(
             q_BHQD,
@@ -341,7 +355,8 @@ def attend(
     k_BHKD, v_BHKD = _repeat_kv(k_BGKD, n_heads), _repeat_kv(v_BGKD, n_heads)
     if impl == "torch":
         return _torch_attend(q_BHQD, k_BHKD, v_BHKD, slopes_H, softmax_scale, seq_id_BS, dropout_p)
-    if impl in ("sdpa", "flex"):  # flex decode steps (Q < K) would recompile per step
+    # flex decode steps (Q < K) would recompile per step; cudnn's ALiBi is top-left aligned only
+    if impl in ("sdpa", "flex", "cudnn"):
         allowed = (
             sdpa_kernel([_SDPA_BACKENDS[name] for name in sdpa_backends])
             if sdpa_backends

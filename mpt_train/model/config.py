@@ -28,7 +28,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ATTN_IMPLS = ("torch", "sdpa", "flex", "flash")
+ATTN_IMPLS = ("torch", "sdpa", "flex", "flash", "cudnn")
 SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
 NORM_TYPES = ("low_precision_layernorm", "layernorm", "rmsnorm")
 INIT_DEVICES = ("cpu", "meta")
@@ -47,8 +47,10 @@ class AttentionConfig:
 
     ``impl`` picks the kernel: ``torch`` (explicit matmul/softmax, the reference), ``sdpa``
     (``F.scaled_dot_product_attention``, ALiBi folded into the heads), ``flex`` (FlexAttention
-    with an ALiBi ``score_mod``, compiled) or ``flash`` (flash-attn, GPU only). ALiBi and
-    document masking (``attn_uses_sequence_id``) are applied inside every kernel.
+    with an ALiBi ``score_mod``, compiled), ``flash`` (flash-attn, GPU only) or ``cudnn``
+    (cuDNN's fused attention with ALiBi inside it, GPU only; no document masking or attention
+    dropout, ``alibi_bias_max`` 8). ALiBi and document masking (``attn_uses_sequence_id``) are
+    applied inside every kernel that takes them.
     ``kv_n_heads`` < ``n_heads`` gives grouped-query attention (1 = multi-query).
     ``flex_kernel_options`` go to FlexAttention's generated GPU kernel unchanged (tile sizes,
     warps, stages; see ``scripts/bench_attention.py --flex-options`` to time them); empty keeps
@@ -112,11 +114,24 @@ class AttentionConfig:
                 f"got {self.attn_pdrop}; impl 'flex' has no attention dropout, "
                 "use 0.0 or impl torch/sdpa/flash",
             )
-        if self.impl == "flash" and self.attn_uses_sequence_id:
+        if self.impl in ("flash", "cudnn") and self.attn_uses_sequence_id:
             raise ConfigError(
                 "attn_uses_sequence_id",
-                "document masking is not implemented for impl 'flash'; "
+                f"document masking is not implemented for impl {self.impl!r}; "
                 "allowed impls with attn_uses_sequence_id: torch, sdpa, flex",
+            )
+        if self.impl == "cudnn" and self.attn_pdrop > 0:
+            raise ConfigError(
+                "attn_pdrop",
+                f"got {self.attn_pdrop}; impl 'cudnn' runs without attention dropout here, "
+                "use 0.0 or impl torch/sdpa/flash",
+            )
+        if self.impl == "cudnn" and self.alibi and self.alibi_bias_max != 8:
+            # cuDNN computes the slopes itself (the ALiBi paper's): MPT's only for max 8.
+            raise ConfigError(
+                "alibi_bias_max",
+                f"got {self.alibi_bias_max}; impl 'cudnn' applies the standard ALiBi slopes, "
+                "which are MPT's only for alibi_bias_max 8: use 8 or impl flex/sdpa",
             )
 
 

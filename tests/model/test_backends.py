@@ -6,6 +6,8 @@ kernel is exercised by the GPU test at the end, skipped without CUDA.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -204,6 +206,43 @@ def test_folded_alibi_on_each_gpu_sdpa_kernel_matches_reference(backend: str) ->
     for name, r, p, g in zip(("out", "dq", "dk", "dv"), ref, plain, got, strict=True):
         err, bf16_err = ((x - r).norm() / r.norm() for x in (g, p))
         assert err <= 2 * bf16_err + 1e-3, f"{backend} {name}: {err:.2e} vs bf16 {bf16_err:.2e}"
+
+
+def _fa4_missing() -> str | None:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        return "FlashAttention-4 runs on Hopper or newer GPUs only"
+    if tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2]) < (2, 9):
+        return f"FlexAttention's BACKEND option needs torch >= 2.9, this is {torch.__version__}"
+    try:
+        import flash_attn.cute  # noqa: F401
+    except ImportError as err:
+        return f"flash-attn-4 is not installed ({err})"
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_fa4_missing() is not None, reason=str(_fa4_missing()))
+def test_flex_on_flash_attention_4_matches_reference() -> None:
+    """FlexAttention's ALiBi score_mod on FlashAttention-4's kernels (``BACKEND: FLASH``) at
+    MPT-1B's head shape: output and gradients as close to the fp32 reference as bf16 allows."""
+    torch.manual_seed(0)
+    slopes = alibi_slopes(16, device="cuda")
+    base = [torch.randn(2, 16, 2048, 128, device="cuda") for _ in range(3)]
+    grad = torch.randn(2, 16, 2048, 128, device="cuda")
+
+    def run(impl: str, dtype: torch.dtype, options: dict | None) -> list[torch.Tensor]:
+        q, k, v = (t.detach().to(dtype).requires_grad_() for t in base)
+        out = attend(impl, q, k, v, slopes_H=slopes, softmax_scale=128**-0.5,
+                     flex_kernel_options=options)  # fmt: skip
+        out.backward(grad.to(dtype))
+        return [t.float() for t in (out, q.grad, k.grad, v.grad)]
+
+    ref = run("torch", torch.float32, None)
+    plain = run("torch", torch.bfloat16, None)  # the error bf16 itself costs
+    got = run("flex", torch.bfloat16, {"BACKEND": "FLASH"})
+    for name, r, p, g in zip(("out", "dq", "dk", "dv"), ref, plain, got, strict=True):
+        err, bf16_err = ((x - r).norm() / r.norm() for x in (g, p))
+        assert err <= 2 * bf16_err + 1e-3, f"FA4 {name}: {err:.2e} vs bf16 {bf16_err:.2e}"
 
 
 def _flash_missing() -> str | None:
