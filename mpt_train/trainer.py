@@ -32,7 +32,7 @@ from mpt_train.callbacks import CostMonitor, TrainSpeedMonitor
 from mpt_train.clipping import build_gradient_clipping
 from mpt_train.composer_model import IGNORE_INDEX, ComposerMPT, shift_labels
 from mpt_train.config import RunConfig, redact, to_container
-from mpt_train.config.schema import check_schedule
+from mpt_train.config.schema import CUDA_GRAPH_MODES, check_schedule
 from mpt_train.config.validate import device_train_batch_size, validate_run
 from mpt_train.data import build_text_dataloader, load_tokenizer
 from mpt_train.data.config import TextLoaderConfig
@@ -370,8 +370,15 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks: list[Callback] | None = No
     run_name, fixed_name = resolve_run_name(cfg)
     cfg = replace(cfg, run_name=run_name)
     world = dist.get_world_size()
-    precision = _precision(cfg, device)
     impl = cfg.model.attn_config.impl
+    if impl == "cudnn" and cfg.compile.enabled and cfg.compile.mode in CUDA_GRAPH_MODES:
+        # cuDNN's frontend copies the ALiBi slopes from host memory at each call: not capturable.
+        raise ConfigError(
+            "compile.mode",
+            f"{cfg.compile.mode!r} captures CUDA graphs, which impl 'cudnn' cannot run inside; "
+            "use compile.mode default or max-autotune-no-cudagraphs",
+        )
+    precision = _precision(cfg, device)
     if impl in ("flash", "cudnn") and precision == "fp32":
         raise ConfigError(
             "model.attn_config.impl",

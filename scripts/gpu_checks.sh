@@ -42,8 +42,10 @@ python3 -c 'import torch, composer, streaming; print("torch", torch.__version__,
 
 # With flash-attn 4 installed and torch >= 2.9 (FlexAttention's BACKEND option), FlexAttention
 # can run on FlashAttention-4's CuTe kernels: time that too.
-fa4_opts=() fa4_rows=() cudnn_rows=()
-python3 -c 'import cudnn' 2>/dev/null && cudnn_rows=(mpt-1b-cudnn)
+fa4_opts=() fa4_rows=() cudnn_rows=() cudnn_rest=()
+if python3 -c 'import cudnn' 2>/dev/null; then  # impl cudnn needs the cuDNN frontend
+  cudnn_rows=(mpt-1b-cudnn) cudnn_rest=(mpt-1b-accum8-cudnn mpt-1b-spec-mb8-cudnn)
+fi
 if python3 -c 'import sys, torch, flash_attn.cute
 sys.exit(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 9))' 2>/dev/null; then
   fa4_opts=(--flex-options '{"BACKEND": "FLASH"}') fa4_rows=(mpt-1b-fa4)
@@ -74,7 +76,7 @@ else
   echo "profile not run: the time budget was spent" | tee "$out/profile.txt"
 fi
 
-table "$out/rows-rest.json" "$tests_s" mpt-1b-accum8 mpt-1b-accum8-cudnn mpt-1b-spec-mb8-cudnn \
+table "$out/rows-rest.json" "$tests_s" mpt-1b-accum8 ${cudnn_rest[@]+"${cudnn_rest[@]}"} \
   mpt-1b-spec mpt-1b-overlap mpt-125m mpt-125m-plain mpt-350m mpt-3b mpt-3b-ac mpt-1b-sdpa \
   mpt-1b-mb8 mpt-1b-mb10 mpt-1b-sdpa-cudnn ${fa4_rows[@]+"${fa4_rows[@]}"}
 python3 - "$out"/rows-key.json "$out"/rows-rest.json >"$out/rows.json" <<'PY'
@@ -92,7 +94,8 @@ rm -f "$out"/rows-key.json "$out"/rows-rest.json
 python3 - "$out/rows.json" <<'PY' 2>&1 | tee "$out/losses.txt"
 import json, sys
 rows = {r["name"]: r["result"] for r in json.load(open(sys.argv[1]))}
-pairs = [("mpt-125m", "mpt-125m-plain"), ("mpt-1b", "mpt-1b-plain"), ("mpt-1b-cudnn", "mpt-1b")]
+pairs = [("mpt-125m", "mpt-125m-plain"), ("mpt-1b", "mpt-1b-plain"), ("mpt-1b-cudnn", "mpt-1b"),
+         ("mpt-1b-accum8-cudnn", "mpt-1b-accum8"), ("mpt-1b-spec-mb8-cudnn", "mpt-1b-spec-mb8")]
 for fast, base in pairs:
     a, b = rows.get(fast, {}).get("losses"), rows.get(base, {}).get("losses")
     if not a or not b:

@@ -339,8 +339,15 @@ def attend(
     n_heads, q_len, k_len = q_BHQD.shape[1], q_BHQD.shape[2], k_BGKD.shape[2]
     if impl == "flash":
         return _flash_attend(q_BHQD, k_BGKD, v_BGKD, slopes_H, softmax_scale, dropout_p)
-    if impl == "cudnn" and q_len == k_len and q_BHQD.dtype in (torch.bfloat16, torch.float16):
-        return cudnn_attend(q_BHQD, k_BGKD, v_BGKD, slopes_H is not None, softmax_scale)
+    if impl == "cudnn":
+        if seq_id_BS is not None or dropout_p > 0:
+            raise ValueError(
+                "impl 'cudnn' has no document masking or attention dropout "
+                "(attn_config.attn_uses_sequence_id, attn_pdrop); use impl torch/sdpa/flex"
+            )
+        # One query over one key (older cuDNN 9 refuses it causal) and fp32 take SDPA.
+        if q_len == k_len > 1 and q_BHQD.dtype in (torch.bfloat16, torch.float16):
+            return cudnn_attend(q_BHQD, k_BGKD, v_BGKD, slopes_H is not None, softmax_scale)
     if impl == "flex" and q_len == k_len:
         return flex_attend(
             q_BHQD,

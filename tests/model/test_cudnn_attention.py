@@ -62,14 +62,31 @@ def test_cudnn_is_refused_at_build_where_it_cannot_run() -> None:
     assert MISSING in str(info.value) and "torch, sdpa, flex" in str(info.value)
 
 
-def _reference_error(impl: str, alibi: bool, kv_heads: int) -> list[tuple[str, float, float]]:
+def test_attend_refuses_what_cudnn_cannot_do_and_routes_the_rest_to_sdpa() -> None:
+    """Called directly (no config in between), impl cudnn refuses document masks and dropout
+    rather than dropping them, and takes SDPA's path for fp32 and for a single query."""
+    q, k, v = (torch.randn(1, 4, 8, 16) for _ in range(3))
+    slopes = alibi_slopes(4)
+    with pytest.raises(ValueError, match="no document masking or attention dropout"):
+        attend("cudnn", q, k, v, slopes_H=slopes, softmax_scale=0.25,
+               seq_id_BS=torch.zeros(1, 8, dtype=torch.long))  # fmt: skip
+    with pytest.raises(ValueError, match="no document masking or attention dropout"):
+        attend("cudnn", q, k, v, slopes_H=slopes, softmax_scale=0.25, dropout_p=0.1)
+    for args in ((q, k, v), tuple(t[:, :, :1].bfloat16() for t in (q, k, v))):
+        got = attend("cudnn", *args, slopes_H=slopes, softmax_scale=0.25)
+        torch.testing.assert_close(got, attend("sdpa", *args, slopes_H=slopes, softmax_scale=0.25))
+
+
+def _reference_error(
+    impl: str, alibi: bool, kv_heads: int, heads: int = 16
+) -> list[tuple[str, float, float]]:
     """Relative error of output and gradients against the fp32 reference at MPT-1B's head
     shape, for ``impl`` in bf16 and for the bf16 reference itself."""
     torch.manual_seed(0)
-    slopes = alibi_slopes(16, device="cuda") if alibi else None
-    shapes = [(2, 16, 2048, 128), (2, kv_heads, 2048, 128), (2, kv_heads, 2048, 128)]
+    slopes = alibi_slopes(heads, device="cuda") if alibi else None
+    shapes = [(2, heads, 2048, 128), (2, kv_heads, 2048, 128), (2, kv_heads, 2048, 128)]
     base = [torch.randn(s, device="cuda") for s in shapes]
-    grad = torch.randn(2, 16, 2048, 128, device="cuda")
+    grad = torch.randn(2, heads, 2048, 128, device="cuda")
 
     def run(kernel: str, dtype: torch.dtype) -> list[torch.Tensor]:
         q, k, v = (t.detach().to(dtype).requires_grad_() for t in base)
@@ -91,11 +108,14 @@ def _reference_error(impl: str, alibi: bool, kv_heads: int) -> list[tuple[str, f
 
 @pytest.mark.gpu
 @pytest.mark.skipif(MISSING is not None, reason=f"impl cudnn cannot run here: {MISSING}")
-@pytest.mark.parametrize(("alibi", "kv_heads"), [(True, 16), (False, 16), (True, 4)])
-def test_cudnn_matches_fp32_reference_at_mpt_1b_shape(alibi: bool, kv_heads: int) -> None:
+@pytest.mark.parametrize(
+    ("alibi", "kv_heads", "heads"), [(True, 16, 16), (False, 16, 16), (True, 4, 16), (True, 12, 12)]
+)
+def test_cudnn_matches_fp32_reference_at_mpt_1b_shape(alibi, kv_heads, heads) -> None:
     """As close to the fp32 reference, output and gradients, as bf16 itself allows (with
-    ALiBi, without, and with grouped-query heads)."""
-    for name, err, bf16_err in _reference_error("cudnn", alibi, kv_heads):
+    ALiBi, without, with grouped-query heads, and with 12 heads as MPT-125m: cuDNN's own
+    slopes for a head count that is not a power of two)."""
+    for name, err, bf16_err in _reference_error("cudnn", alibi, kv_heads, heads):
         assert err <= 2 * bf16_err + 1e-3, f"cudnn {name}: {err:.2e} vs bf16 {bf16_err:.2e}"
 
 

@@ -217,6 +217,24 @@ def test_compiled_flex_on_cpu_is_refused_before_the_model_is_built(
     refused_before_training(spec, "compile.enabled", "compiled FlexAttention needs CUDA", tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("fields", "key", "match"),
+    [
+        ({"compile": {"enabled": True, "mode": "reduce-overhead"}}, "compile.mode", "CUDA graphs"),
+        ({"precision": "fp32"}, "model.attn_config.impl", "needs bf16/fp16 activations"),
+    ],
+)
+def test_cudnn_attention_is_refused_before_the_model_is_built(
+    mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fields, key, match
+) -> None:
+    """What impl cudnn cannot run (inside captured CUDA graphs, on fp32 activations) fails with
+    one line naming the key, before a model is built or a batch read."""
+    monkeypatch.chdir(tmp_path)
+    spec = tiny_spec(mds_dir, **fields)
+    spec["model"]["attn_config"]["impl"] = "cudnn"
+    refused_before_training(spec, key, match, tmp_path)
+
+
 def test_a_new_run_under_an_old_name_starts_a_new_metrics_file_with_eval_first(
     mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
