@@ -90,10 +90,15 @@ def _bshd_empty(batch: int, heads: int, seq: int, dim: int, like: torch.Tensor) 
     return torch.empty(batch, seq, heads, dim, dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
-def _io_type(dtype: torch.dtype) -> Any:
+def _cudnn_type(dtype: torch.dtype) -> Any:
     import cudnn
 
-    return {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[dtype]
+    types = {
+        torch.bfloat16: cudnn.data_type.BFLOAT16,
+        torch.float16: cudnn.data_type.HALF,
+        torch.float32: cudnn.data_type.FLOAT,  # the softmax stats
+    }
+    return types[dtype]
 
 
 def _finish(graph: Any) -> int:
@@ -111,7 +116,7 @@ def _new_graph(dtype: torch.dtype, handle: Any) -> Any:
     import cudnn
 
     return cudnn.pygraph(
-        io_data_type=_io_type(dtype),
+        io_data_type=_cudnn_type(dtype),
         intermediate_data_type=cudnn.data_type.FLOAT,
         compute_data_type=cudnn.data_type.FLOAT,
         handle=handle,
@@ -120,8 +125,27 @@ def _new_graph(dtype: torch.dtype, handle: Any) -> Any:
 
 def _operand(graph: Any, name: str, t: torch.Tensor) -> Any:
     return graph.tensor(
-        name=name, dim=list(t.shape), stride=list(t.stride()), data_type=_io_type(t.dtype)
+        name=name, dim=list(t.shape), stride=list(t.stride()), data_type=_cudnn_type(t.dtype)
     )
+
+
+def _bind_output(node_output: Any, t: torch.Tensor) -> None:
+    """Make a node's result a graph output written into ``t`` (its shape, strides, dtype)."""
+    node_output.set_output(True).set_dim(list(t.shape)).set_stride(list(t.stride()))
+    node_output.set_data_type(_cudnn_type(t.dtype))
+
+
+def _mask_args(scale: float, alibi: bool) -> dict[str, Any]:
+    """Scale, causal mask (top-left: queries are the keys) and ALiBi: one definition, so the
+    forward and backward graphs cannot disagree."""
+    import cudnn
+
+    return {
+        "attn_scale": scale,
+        "use_alibi_mask": alibi,
+        "diagonal_alignment": cudnn.diagonal_alignment.TOP_LEFT,
+        "diagonal_band_right_bound": 0,
+    }
 
 
 def _cached(key: tuple, build: Any) -> tuple[Any, ...]:
@@ -160,7 +184,6 @@ def _cudnn_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, alibi: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention ``[B,H,S,D]`` over ``[B,G,S,D]`` keys -> (output, softmax stats)."""
-    import cudnn
 
     q, k, v = (_dense_last_dim(t) for t in (q, k, v))
     batch, heads, seq, _ = q.shape
@@ -177,14 +200,10 @@ def _cudnn_attention(
             k=k_t,
             v=v_t,
             generate_stats=True,
-            attn_scale=scale,
-            use_alibi_mask=alibi,
-            diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT,
-            diagonal_band_right_bound=0,
+            **_mask_args(scale, alibi),
         )
-        o_t.set_output(True).set_dim(list(out.shape)).set_stride(list(out.stride()))
-        stats_t.set_output(True).set_data_type(cudnn.data_type.FLOAT)
-        stats_t.set_dim(list(stats.shape)).set_stride(list(stats.stride()))
+        _bind_output(o_t, out)
+        _bind_output(stats_t, stats)
         return g, _finish(g), (q_t, k_t, v_t, o_t, stats_t)
 
     key = ("forward", q.dtype, q.device, scale, alibi, _layout_key(q, k, v, out))
@@ -212,7 +231,6 @@ def _cudnn_attention_backward(
     scale: float,
     alibi: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    import cudnn
 
     q, k, v = (_dense_last_dim(t) for t in (q, k, v))
     if grad_out.stride() != out.stride():  # the graph reads both in one layout
@@ -222,15 +240,9 @@ def _cudnn_attention_backward(
 
     def build() -> tuple[Any, ...]:
         g = _new_graph(q.dtype, handle)
-        names = ("q", "k", "v", "o", "dO")
-        q_t, k_t, v_t, o_t, do_t = (
-            _operand(g, n, t) for n, t in zip(names, (q, k, v, out, grad_out), strict=True)
-        )
-        stats_t = g.tensor(
-            name="stats",
-            dim=list(stats.shape),
-            stride=list(stats.stride()),
-            data_type=cudnn.data_type.FLOAT,
+        names = ("q", "k", "v", "o", "dO", "stats")
+        q_t, k_t, v_t, o_t, do_t, stats_t = (
+            _operand(g, n, t) for n, t in zip(names, (q, k, v, out, grad_out, stats), strict=True)
         )
         dq_t, dk_t, dv_t = g.sdpa_backward(
             name="mpt_attention_backward",
@@ -240,13 +252,10 @@ def _cudnn_attention_backward(
             o=o_t,
             dO=do_t,
             stats=stats_t,
-            attn_scale=scale,
-            use_alibi_mask=alibi,
-            diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT,
-            diagonal_band_right_bound=0,
+            **_mask_args(scale, alibi),
         )
-        for t_, t in ((dq_t, dq), (dk_t, dk), (dv_t, dv)):
-            t_.set_output(True).set_dim(list(t.shape)).set_stride(list(t.stride()))
+        for node_output, t in ((dq_t, dq), (dk_t, dk), (dv_t, dv)):
+            _bind_output(node_output, t)
         return g, _finish(g), (q_t, k_t, v_t, o_t, do_t, stats_t, dq_t, dk_t, dv_t)
 
     key = ("backward", q.dtype, q.device, scale, alibi, _layout_key(q, k, v, out, grad_out, stats))
