@@ -10,7 +10,8 @@ compiling is impossible here, ``flash+alibi`` when flash-attn is importable on a
 twin) when the cuDNN frontend is. On a GPU the folded and causal rows are repeated with SDPA
 limited to one kernel each (``[flash]``, ``[cudnn]``, ``[efficient]``:
 ``attn_config.sdpa_backends``). Every row's output is checked against the torch reference
-(with or without ALiBi, as the row computes).
+(with or without ALiBi, as the row computes). Each row gives forward + backward, the forward
+alone and their difference (the backward), to show which pass a kernel loses its time in.
 
     python scripts/bench_attention.py --batch 2 --heads 4 --seq 256 --head-dim 32 --device cpu
 """
@@ -42,7 +43,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fwd_bwd(
+def mean_ms(step: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    """Mean milliseconds of ``step`` run ``iters`` times back to back, as a training step
+    queues its kernels: on a GPU the device time between two CUDA events, so per-call host
+    work (Python, graph lookup, kernel launch) counts only where it outlasts the kernels."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        for _ in range(iters):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / iters
+    began = time.perf_counter()
+    for _ in range(iters):
+        step()
+    return (time.perf_counter() - began) * 1e3 / iters
+
+
+def time_kernel(
     fn: Kernel,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -50,19 +72,45 @@ def time_fwd_bwd(
     grad_out: torch.Tensor,
     warmup: int,
     iters: int,
-) -> float:
-    """Median milliseconds of one forward + backward."""
-    times = []
-    for i in range(warmup + iters):
-        for t in (q, k, v):
-            t.grad = None
-        _sync(q.device)
-        start = time.perf_counter()
-        fn(q, k, v).backward(grad_out)
-        _sync(q.device)
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+) -> tuple[float, float]:
+    """(forward + backward, forward) mean milliseconds. The forward records autograd as in
+    training (the same compiled kernel); the backward returns the input gradients without
+    accumulating them anywhere, so only the kernel and its own layout handling are timed."""
+    device = q.device
+
+    def both() -> None:
+        torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out)
+
+    return mean_ms(both, device, warmup, iters), mean_ms(lambda: fn(q, k, v), device, 1, iters)
+
+
+def model_inputs(
+    batch: int,
+    heads: int,
+    seq: int,
+    dim: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    packed: bool,
+    seed: int = 0,
+) -> tuple[torch.Tensor, ...]:
+    """q, k, v ``[B, H, S, D]`` and the output's gradient. ``packed``: laid out as the model
+    hands them to attention, views of its fused QKV projection ``[B, S, 3, H, D]``, and the
+    gradient as the output projection returns it, ``[B, S, H, D]`` transposed; otherwise
+    three contiguous ``[B, H, S, D]`` tensors and a contiguous gradient."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if packed:
+        qkv = torch.randn(batch, seq, 3, heads, dim, device=device, dtype=dtype, generator=gen)
+        qkv.requires_grad_()
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        grad = torch.randn(batch, seq, heads, dim, device=device, dtype=dtype, generator=gen)
+        return q, k, v, grad.transpose(1, 2)
+    shape = (batch, heads, seq, dim)
+    q, k, v = (
+        torch.randn(shape, device=device, dtype=dtype, generator=gen).requires_grad_()
+        for _ in range(3)
+    )
+    return q, k, v, torch.randn(shape, device=device, dtype=dtype, generator=gen)
 
 
 def _dense_bias_sdpa(
@@ -153,8 +201,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument(
+        "--contiguous",
+        action="store_true",
+        help="three contiguous [B, H, S, D] inputs instead of views of one fused QKV "
+        "projection as in the model",
+    )
     p.add_argument(
         "--flex-modes",
         nargs="*",
@@ -175,25 +229,22 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    gen = torch.Generator(device=device).manual_seed(0)
-    shape = (args.batch, args.heads, args.seq, args.head_dim)
-    q, k, v = (
-        torch.randn(shape, device=device, dtype=dtype, generator=gen).requires_grad_()
-        for _ in range(3)
+    q, k, v, grad_out = model_inputs(
+        args.batch, args.heads, args.seq, args.head_dim, device, dtype, not args.contiguous
     )
-    grad_out = torch.randn(shape, device=device, dtype=dtype, generator=gen)
     scale = args.head_dim**-0.5
     print(
         f"shape B={args.batch} H={args.heads} S={args.seq} D={args.head_dim} "
         f"{args.dtype} on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
-        f"median of {args.iters} fwd+bwd after {args.warmup} warmup"
+        f"{'contiguous inputs' if args.contiguous else 'inputs laid out as in the model'}, "
+        f"mean of {args.iters} back to back after {args.warmup} warmup"
     )
 
     rows = kernels(args.heads, scale, device, tuple(args.flex_modes), tuple(args.flex_options))
     with torch.no_grad():
         ref = rows["torch+alibi"](q, k, v).float()
         ref_causal = attend("torch", q, k, v, slopes_H=None, softmax_scale=scale).float()
-    results: dict[str, float | str] = {}
+    results: dict[str, tuple[float, float] | str] = {}
     for name, fn in rows.items():
         if name == "flex+alibi eager" and device.type == "cuda":
             continue  # the compiled row is the GPU path; eager materialises S x S scores
@@ -211,20 +262,23 @@ def main(argv: list[str] | None = None) -> None:
             tol = 1e-3 if dtype == torch.float32 else 5e-2
             if err > tol:
                 raise RuntimeError(f"output differs from torch reference by {err:.2e}")
-            results[name] = time_fwd_bwd(fn, q, k, v, grad_out, args.warmup, args.iters)
+            results[name] = time_kernel(fn, q, k, v, grad_out, args.warmup, args.iters)
         except Exception as err:  # report the kernel as unavailable, keep benchmarking others
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             results[name] = f"n/a: {type(err).__name__}: {reason[:90]}"
 
     floor = results.get("sdpa causal (no alibi)")
     width = max(24, *(len(n) for n in results))
-    print(f"\n{'kernel':<{width}} {'fwd+bwd ms':>11} {'x sdpa-no-alibi':>16}")
+    print(
+        f"\n{'kernel':<{width}} {'fwd+bwd ms':>11} {'x sdpa-no-alibi':>16} {'fwd ms':>7} {'bwd ms':>7}"
+    )
     for name, res in results.items():
         if isinstance(res, str):
             print(f"{name:<{width}} {res}")
-        else:
-            ratio = f"{res / floor:.2f}" if isinstance(floor, float) else "-"
-            print(f"{name:<{width}} {res:>11.2f} {ratio:>16}")
+            continue
+        both, fwd = res
+        ratio = f"{both / floor[0]:.2f}" if isinstance(floor, tuple) else "-"
+        print(f"{name:<{width}} {both:>11.2f} {ratio:>16} {fwd:>7.2f} {both - fwd:>7.2f}")
 
 
 if __name__ == "__main__":
