@@ -58,4 +58,4 @@ USER 1000
 ENTRYPOINT ["composer"]
 # Default: the quickstart (prepares the shipped corpus, trains a tiny MPT); pass your own
 # `train.py SPEC ...` to train for real.
-CMD ["-n", "1", "-m", "mpt_train.quickstart"]
+CMD ["-n", "1", "-m", "mpt_train.tools.quickstart"]

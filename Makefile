@@ -24,7 +24,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 quickstart: $(STAMP)
-	$(PY) -m mpt_train.quickstart $(SPEC)
+	$(PY) -m mpt_train.tools.quickstart $(SPEC)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

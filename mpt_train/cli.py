@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(yaml.safe_dump(redact(to_container(cfg)), sort_keys=False))
             return 0
-        from mpt_train.trainer import train
+        from mpt_train.train.builder import train
 
         train(cfg)
     except ConfigError as e:

@@ -110,8 +110,8 @@ PY
 left=$((end - SECONDS))
 if ((left > 20)); then
   timeout "$left" python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/model/test_backends.py \
-    tests/model/test_cudnn_attention.py tests/training/test_perf_options.py \
-    tests/training/test_host_waits.py 2>&1 | tee "$out/tests.txt"
+    tests/model/test_cudnn_attention.py tests/train/test_perf_options.py \
+    tests/train/test_host_waits.py 2>&1 | tee "$out/tests.txt"
 else
   echo "GPU tests not run: the time budget was spent" | tee "$out/tests.txt"
 fi

@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.export.tiny_run import tiny_mds, train_tiny
+from tests.helpers import make_mds
 from tests.s3_server import S3Server, serving
+
+SWEEP_SEQ = 32  # sequence length of the sweep_mds shards
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -69,3 +72,9 @@ def _restore_root_logging() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def sweep_mds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tokenized MDS shards (train/ and val/) from a slice of the shipped corpus."""
+    return make_mds(tmp_path_factory.mktemp("sweep-mds"), seq_len=SWEEP_SEQ, max_docs=200)

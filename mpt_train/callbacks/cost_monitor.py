@@ -48,7 +48,12 @@ from composer.core import Callback, State, Time
 from composer.loggers import Logger
 from composer.utils import dist
 
-from mpt_train.accounting import detect_gpu_type, get_gpu, hfu_from_mfu, price_per_gpu_hour
+from mpt_train.callbacks.accounting import (
+    detect_gpu_type,
+    get_gpu,
+    hfu_from_mfu,
+    price_per_gpu_hour,
+)
 from mpt_train.callbacks.speed_monitor import in_batch_eval_seconds
 
 __all__ = ["CostMonitor", "CostTotals"]
@@ -88,7 +93,7 @@ class CostMonitor(Callback):
     """Tokens, throughput, MFU/HFU, GPU-hours, dollars and ETA; restart-safe totals.
 
     Args:
-        gpu_type: A key of :data:`mpt_train.accounting.GPU_TYPES`; None detects it from CUDA.
+        gpu_type: A key of :data:`mpt_train.callbacks.accounting.GPU_TYPES`; None detects it from CUDA.
         price_per_gpu_hour: USD per GPU-hour; None uses the table's default for the GPU type.
         peak_flops: Peak FLOP/s of one device, overriding the table (e.g. a nominal CPU peak).
         activation_checkpointing: Whether the forward pass is recomputed (HFU = 4/3 MFU).

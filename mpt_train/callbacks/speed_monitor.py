@@ -22,7 +22,7 @@ from composer.callbacks import SpeedMonitor
 from composer.core import State
 from composer.loggers import Logger
 
-from mpt_train.host_reads import beside_the_update
+from mpt_train.train.host_reads import beside_the_update
 
 __all__ = ["TrainSpeedMonitor", "in_batch_eval_seconds"]
 

@@ -137,7 +137,7 @@ class SchedulerConfig:
 @dataclass
 class GradientClippingConfig:
     """``implementation``: auto (norm clipping folded into torch's fused AdamW when that is the
-    optimizer, Composer's otherwise) | fused (insist) | composer. See mpt_train.clipping."""
+    optimizer, Composer's otherwise) | fused (insist) | composer. See mpt_train.train.clipping."""
 
     clipping_type: str = "norm"
     clipping_threshold: float = 1.0
@@ -277,11 +277,11 @@ class CostConfig:
     # a100_40gb | a100_80gb | h100 (SXM) | h100_pcie | h100_nvl | h200 | h200_nvl;
     # None = detect from the visible GPU
     gpu_type: str | None = None
-    # None = the default of mpt_train.accounting's table for the GPU type
+    # None = the default of mpt_train.callbacks.accounting's table for the GPU type
     price_per_gpu_hour: float | None = None
 
     def __post_init__(self) -> None:
-        from mpt_train.accounting import GPU_TYPES
+        from mpt_train.callbacks.accounting import GPU_TYPES
 
         if self.gpu_type is not None:
             check_choice("gpu_type", self.gpu_type, tuple(GPU_TYPES))
@@ -343,7 +343,7 @@ class RunConfig:
     compile: CompileConfig = field(default_factory=CompileConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     # GPU: read the step's loss on a side stream, so the between-step host work overlaps the
-    # optimizer update instead of waiting for it (mpt_train.trainer.MPTTrainer).
+    # optimizer update instead of waiting for it (mpt_train.train.builder.MPTTrainer).
     overlap_step_end: bool = False
     save_folder: str | None = None
     save_interval: str = "1000ba"

@@ -1,7 +1,7 @@
 """Instruction and chat fine-tuning data: JSONL -> tokenized examples -> (packed) batches.
 
 Fine-tuning teaches the model to *answer*, so only response tokens carry loss: prompt tokens
-get label ``-100`` (``IGNORE_INDEX``), which :class:`~mpt_train.composer_model.ComposerMPT`
+get label ``-100`` (``IGNORE_INDEX``), which :class:`~mpt_train.train.composer_model.ComposerMPT`
 skips. Two record shapes are read from JSONL:
 
 * ``{"prompt": ..., "response": ...}`` (MPT-7B-Instruct's dolly/HH-RLHF format);

@@ -21,7 +21,7 @@ queue the optimizer. With torch's fused Adam/AdamW (the GPU default) it does not
 decision to drop the update is computed on the device and handed to the kernel as its
 ``found_inf`` flag (the hook GradScaler uses to skip fp16 steps with inf gradients; the kernel
 then leaves weights, moments and step count as they were). The statistics are copied to the
-host before the update is queued and read at ``BATCH_END`` (:mod:`mpt_train.host_reads`), and
+host before the update is queued and read at ``BATCH_END`` (:mod:`mpt_train.train.host_reads`), and
 judged there for the log line, the history and a stop. Other optimizers (foreach or Composer's
 AdamW, Lion) and amp_fp16 (whose loss scaler owns ``found_inf``) take the decision on the host
 before the step.
@@ -45,8 +45,8 @@ from composer.loggers import Logger
 from composer.utils import dist, ensure_tuple
 
 from mpt_train.errors import RunFailure
-from mpt_train.host_reads import read_later
 from mpt_train.reliability.config import LossGuardConfig
+from mpt_train.train.host_reads import read_later
 
 __all__ = ["LossGuard", "LossGuardStop", "batch_fingerprint"]
 
@@ -81,7 +81,9 @@ class LossGuard(Callback):
         self._resumed = False
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        from mpt_train.optim import takes_found_inf  # optim -> config -> reliability: not at top
+        from mpt_train.train.optim import (
+            takes_found_inf,  # optim -> config -> reliability: not at top
+        )
 
         self._resumed = int(state.timestamp.batch) > 0
         self._on_device = state.precision != Precision.AMP_FP16 and all(

@@ -13,8 +13,8 @@ from streaming import MDSWriter
 from mpt_train.config import load_config_dict
 from mpt_train.data.config import EvalLoaderConfig, TextDatasetConfig, TextLoaderConfig
 from mpt_train.data.dataloader import build_text_dataloader
-from mpt_train.trainer import build_trainer
-from tests.training.conftest import SEQ, tiny_spec
+from mpt_train.train.builder import build_trainer
+from tests.train.conftest import SEQ, tiny_spec
 
 # Streaming runs background threads; a hang must fail the test, not the CI job.
 pytestmark = pytest.mark.timeout(300)

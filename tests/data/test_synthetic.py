@@ -12,7 +12,7 @@ from mpt_train.config import ConfigError, load_config_dict
 from mpt_train.data.config import TextLoaderConfig
 from mpt_train.data.synthetic import RankStride, SyntheticTokens, build_synthetic_dataloader
 from mpt_train.loggers.jsonl import read_metrics
-from mpt_train.trainer import train
+from mpt_train.train.builder import train
 
 
 def test_samples_are_a_function_of_seed_and_index() -> None:
@@ -71,7 +71,7 @@ def _spec(**top) -> dict:
 def test_a_resumed_synthetic_run_sees_the_batches_it_would_have_seen(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mpt_train.trainer import build_trainer
+    from mpt_train.train.builder import build_trainer
     from tests.reliability.faults import StopAfter
 
     monkeypatch.chdir(tmp_path)

@@ -26,10 +26,10 @@ from mpt_train.eval.icl import score_continuations
 from mpt_train.export import load_model
 from mpt_train.loggers.jsonl import read_metrics
 from mpt_train.model import MPTConfig, build_model
-from mpt_train.trainer import train
+from mpt_train.train.builder import train
 from tests.export.tiny_run import tiny_mds, train_tiny
 from tests.helpers import REPO
-from tests.training.conftest import tiny_spec
+from tests.train.conftest import tiny_spec
 
 MC = ICLTaskConfig(
     label="mc",

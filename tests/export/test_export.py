@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpt_train.composer_model import ComposerMPT
 from mpt_train.config import load_config_dict
 from mpt_train.export import CheckpointError, export_hf, import_hf, load_model, read_checkpoint
 from mpt_train.model import MPTConfig, MPTModel, build_model
+from mpt_train.train.composer_model import ComposerMPT
 from tests.helpers import REPO
-from tests.training.conftest import tiny_spec
+from tests.train.conftest import tiny_spec
 
 
 def _trained_net(ckpt: Path) -> MPTModel:
@@ -139,7 +139,7 @@ def test_convert_from_hf_starts_a_finetune(
     assert Path(str(weights) + ".model.yaml").is_file()
     monkeypatch.chdir(tmp_path)
     spec = tiny_spec(mds32, run_name="ft", load_path=str(weights), load_weights_only=True)
-    from mpt_train.trainer import build_trainer
+    from mpt_train.train.builder import build_trainer
 
     trainer = build_trainer(load_config_dict(spec))
     try:
@@ -169,7 +169,7 @@ def test_two_rank_sharded_checkpoint_exports_the_trained_weights(
     from transformers import MptForCausalLM
 
     from mpt_train.model.hf import to_hf
-    from tests.training.conftest import composer_cmd, run, write_spec
+    from tests.train.conftest import composer_cmd, run, write_spec
 
     spec = tiny_spec(
         mds32, max_duration="4ba", save_folder=str(tmp_path / "ckpt"), save_interval="2ba",

@@ -21,10 +21,10 @@ from composer.utils.object_store import S3ObjectStore
 from mpt_train.config import load_config_dict
 from mpt_train.export import CheckpointError, export_hf, load_model, read_checkpoint
 from mpt_train.model import MPTModel
-from mpt_train.trainer import train
+from mpt_train.train.builder import train
 from tests.helpers import REPO
 from tests.s3_server import S3Server
-from tests.training.conftest import tiny_spec
+from tests.train.conftest import tiny_spec
 
 
 @pytest.fixture
@@ -230,7 +230,7 @@ def test_two_rank_sharded_run_exports_from_its_save_folder_uri(
 ) -> None:
     """Two FSDP ranks save sharded checkpoints to the bucket; the save folder URI exports the
     weights the run ended with, fetching only the newest checkpoint's folder."""
-    from tests.training.conftest import composer_cmd, run, write_spec
+    from tests.train.conftest import composer_cmd, run, write_spec
 
     prefix = f"sharded-run-{uuid.uuid4().hex[:8]}"
     spec = tiny_spec(

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from mpt_train.config import load_config_dict
-from mpt_train.trainer import train
+from mpt_train.train.builder import train
 from tests.helpers import make_mds
-from tests.training.conftest import tiny_spec
+from tests.train.conftest import tiny_spec
 
 
 def tiny_mds(factory: pytest.TempPathFactory, seq_len: int = 32) -> Path:

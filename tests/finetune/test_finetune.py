@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpt_train.composer_model import ComposerMPT
 from mpt_train.config import ConfigError, load_config, load_config_dict
 from mpt_train.data import load_tokenizer
 from mpt_train.data.finetune import (
@@ -21,9 +20,10 @@ from mpt_train.data.finetune import (
 )
 from mpt_train.loggers.jsonl import read_metrics
 from mpt_train.model import MPTConfig, build_model
-from mpt_train.trainer import train
+from mpt_train.train.builder import train
+from mpt_train.train.composer_model import ComposerMPT
 from tests.helpers import REPO
-from tests.training.conftest import tiny_spec
+from tests.train.conftest import tiny_spec
 
 PAIRS = [
     {"prompt": "Question: what does json.loads return?\nAnswer:", "response": " a Python object"},
@@ -168,7 +168,7 @@ def test_packing_with_document_masking_equals_separate_examples(tok, tmp_path: P
 def test_packed_rows_train_the_targets_of_separate_examples(tok, tmp_path: Path) -> None:
     """An example's first token has no context inside its example: in a packed row it must not
     be the target of the previous example's last token (an empty prompt makes it a label)."""
-    from mpt_train.composer_model import IGNORE_INDEX, shift_labels
+    from mpt_train.train.composer_model import IGNORE_INDEX, shift_labels
 
     records = [{"prompt": "", "response": "Continue this sentence about json."}, *PAIRS]
     path = _jsonl(tmp_path / "d.jsonl", [*records, {"prompt": "", "response": "re, as ever."}])
@@ -200,7 +200,7 @@ def test_finetune_run_from_pretrained_weights(
     del spec["train_loader"]
     spec["model"]["attn_config"]["attn_uses_sequence_id"] = True
     spec["finetune_loader"] = {"dataset": {"path": str(data), "max_seq_len": 32}}
-    from mpt_train.trainer import build_trainer
+    from mpt_train.train.builder import build_trainer
 
     # The fine-tune starts from the checkpoint's weights (not a fresh init).
     trainer = build_trainer(load_config_dict(spec))

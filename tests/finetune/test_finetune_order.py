@@ -25,8 +25,8 @@ from mpt_train.data.finetune import (
     build_finetune_dataloader,
     tokenize_example,
 )
-from mpt_train.trainer import build_trainer
-from tests.training.conftest import tiny_spec
+from mpt_train.train.builder import build_trainer
+from tests.train.conftest import tiny_spec
 
 SEQ = 64
 WORDS = ["json", "os", "sys", "re", "math", "time", "io", "csv", "zlib", "gzip", "heapq"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.s3_server import S3Server, serving
-from tests.training.conftest import mds_dir  # noqa: F401 - re-exported fixture
+from tests.train.conftest import mds_dir  # noqa: F401 - re-exported fixture
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mpt_train.cli import setup_logging
 from mpt_train.config import load_config
-from mpt_train.trainer import build_trainer
+from mpt_train.train.builder import build_trainer
 from tests.reliability.faults import (
     KillAtBatch,
     SampleLedger,

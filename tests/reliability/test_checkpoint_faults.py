@@ -13,10 +13,10 @@ import pytest
 from mpt_train.config import load_config_dict
 from mpt_train.loggers.jsonl import read_metrics
 from mpt_train.reliability import CheckpointCorruptError, CheckpointSaveError
-from mpt_train.trainer import build_trainer, train
+from mpt_train.train.builder import build_trainer, train
 from tests.helpers import REPO
 from tests.reliability.faults import ReplaceFolderWithFile, StopAfter
-from tests.training.conftest import run, tiny_spec, write_spec
+from tests.train.conftest import run, tiny_spec, write_spec
 
 CKPT = "ep0-ba{}-rank0.pt"
 
@@ -224,7 +224,7 @@ def test_each_rank_verifies_only_the_shards_it_wrote(tmp_path: Path) -> None:
 def test_two_ranks_find_a_corrupt_shard_of_rank_one_and_fall_back(
     mds_dir: Path, in_tmp: Path
 ) -> None:
-    from tests.training.conftest import composer_cmd
+    from tests.train.conftest import composer_cmd
 
     ckpt = in_tmp / "ckpt"
     spec = spec_for(
@@ -289,7 +289,7 @@ def test_resuming_a_one_rank_checkpoint_on_two_sharded_ranks_names_it(
     sharded run needs a folder. One line naming the checkpoint, not a traceback from inside
     Composer after the model is built; the reverse (a sharded folder, one rank) likewise."""
     from mpt_train.reliability import CheckpointLayoutError, check_resume_layout
-    from tests.training.conftest import composer_cmd
+    from tests.train.conftest import composer_cmd
 
     ckpt = in_tmp / "ckpt"
     spec = spec_for(mds_dir, ckpt, max_duration="2ba", fsdp={"sharding_strategy": "FULL_SHARD"})

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mpt_train.config import ConfigError, RunConfig, load_config_dict
-from tests.training.conftest import tiny_spec
+from tests.train.conftest import tiny_spec
 
 BASE = tiny_spec(
     "/data/mds",

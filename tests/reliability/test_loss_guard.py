@@ -19,9 +19,9 @@ from mpt_train.loggers.jsonl import read_metrics
 from mpt_train.reliability import LossGuard, LossGuardStop
 from mpt_train.reliability.config import LossGuardConfig
 from mpt_train.reliability.guards import batch_fingerprint
-from mpt_train.trainer import build_trainer, train
+from mpt_train.train.builder import build_trainer, train
 from tests.reliability.faults import ScaleOutputs
-from tests.training.conftest import tiny_spec
+from tests.train.conftest import tiny_spec
 
 
 class WatchStep(Callback):

@@ -16,9 +16,9 @@ from composer.loggers import Logger
 from mpt_train.config import load_config_dict
 from mpt_train.loggers.jsonl import read_metrics
 from mpt_train.reliability import CheckpointUploadError
-from mpt_train.trainer import build_trainer, train
+from mpt_train.train.builder import build_trainer, train
 from tests.s3_server import S3Server
-from tests.training.conftest import tiny_spec
+from tests.train.conftest import tiny_spec
 
 
 class OutageAt(Callback):

@@ -12,9 +12,9 @@ import torch
 
 from mpt_train.config import ConfigError, load_config_dict
 from mpt_train.reliability import UntrustedCheckpointError, load_weights_safely
-from mpt_train.trainer import build_trainer
+from mpt_train.train.builder import build_trainer
 from tests.helpers import REPO
-from tests.training.conftest import run, tiny_spec, write_spec
+from tests.train.conftest import run, tiny_spec, write_spec
 
 
 class _Payload:

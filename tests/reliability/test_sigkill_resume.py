@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.helpers import REPO
-from tests.training.conftest import composer_cmd, run, tiny_spec, write_spec
+from tests.train.conftest import composer_cmd, run, tiny_spec, write_spec
 
 STEPS, SAVE_EVERY, KILL_AFTER, WORLD = 8, 2, 5, 2
 

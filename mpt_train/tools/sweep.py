@@ -22,7 +22,7 @@ run trained with, re-runnable alone with ``composer train.py SPEC``.
 
 Launch: ``local`` runs the points in turn with Composer's launcher (``composer -n G train.py
 SPEC``); ``slurm`` writes one sbatch script per point and submits it when ``sbatch`` exists.
-Results are gathered by :mod:`mpt_train.sweep_report`.
+Results are gathered by :mod:`mpt_train.tools.sweep_report`.
 """
 
 from __future__ import annotations
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sweep = load_sweep(args.sweep, args.out_dir)
         if args.collect:
-            from mpt_train.sweep_report import collect
+            from mpt_train.tools.sweep_report import collect
 
             _, out = collect(sweep.out_dir)
             print(out["md"].read_text(encoding="utf-8"))

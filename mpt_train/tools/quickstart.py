@@ -18,7 +18,7 @@ from mpt_train.config import ConfigError, load_config
 from mpt_train.data import SHIPPED_CORPUS
 from mpt_train.data.convert import ConvertOptions, convert_corpus
 from mpt_train.loggers.jsonl import read_metrics
-from mpt_train.trainer import train
+from mpt_train.train.builder import train
 
 __all__ = ["main"]
 

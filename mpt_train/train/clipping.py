@@ -31,8 +31,8 @@ from torch.distributed.tensor import DTensor
 
 from mpt_train.config.schema import GradientClippingConfig, OptimizerConfig
 from mpt_train.errors import ConfigError
-from mpt_train.host_reads import read_later
-from mpt_train.optim import adamw_kernel
+from mpt_train.train.host_reads import read_later
+from mpt_train.train.optim import adamw_kernel
 
 __all__ = ["FusedNormClipping", "build_gradient_clipping", "fold_norm_clip", "why_not_fused"]
 
@@ -108,7 +108,7 @@ class FusedNormClipping(Callback):
 
     Runs at ``AFTER_TRAIN_BATCH``, where Composer clips; gradients read at that event are the
     unclipped ones. The norm is copied to the host before the update is queued and read at
-    ``BATCH_END`` (:mod:`mpt_train.host_reads`), so logging it waits for nothing.
+    ``BATCH_END`` (:mod:`mpt_train.train.host_reads`), so logging it waits for nothing.
     """
 
     def __init__(self, max_norm: float) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from mpt_train.loggers.jsonl import read_metrics
-from mpt_train.sweep import MANIFEST
+from mpt_train.tools.sweep import MANIFEST
 
 __all__ = ["PointResult", "collect", "summarize"]
 

@@ -10,9 +10,9 @@ import pytest
 
 from mpt_train.config import ConfigError, load_config_dict
 from mpt_train.loggers.jsonl import read_metrics
-from mpt_train.trainer import train
+from mpt_train.train.builder import train
 from tests.helpers import REPO
-from tests.training.conftest import SEQ, composer_cmd, run, tiny_spec, write_spec
+from tests.train.conftest import SEQ, composer_cmd, run, tiny_spec, write_spec
 
 
 def refused_before_training(spec: dict, key: str, match: str, cwd: Path) -> None:
@@ -101,7 +101,7 @@ def test_sigkill_then_same_command_resumes_bitwise(
     killed = run(
         [
             *launch,
-            str(REPO / "tests/training/kill_after.py"),
+            str(REPO / "tests/train/kill_after.py"),
             "5",
             str(nproc - 1),
             str(cut),
@@ -145,7 +145,7 @@ def test_two_process_fsdp_with_s3_checkpoints_resumes(
     killed = run(
         [
             *composer_cmd(2),
-            str(REPO / "tests/training/kill_after.py"),
+            str(REPO / "tests/train/kill_after.py"),
             "3",
             "0",
             str(cut),

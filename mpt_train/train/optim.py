@@ -20,7 +20,7 @@ from composer.optim import (
 from composer.optim.scheduler import ComposerScheduler
 
 from mpt_train.config.schema import OptimizerConfig, SchedulerConfig
-from mpt_train.lion import DecoupledLionW
+from mpt_train.train.lion import DecoupledLionW
 
 __all__ = [
     "adamw_kernel",

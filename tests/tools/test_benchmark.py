@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mpt_train.benchmark import BenchmarkRow, format_row
-from tests.accounting.conftest import SEQ
+from mpt_train.tools.benchmark import BenchmarkRow, format_row
+from tests.conftest import SWEEP_SEQ as SEQ
 from tests.helpers import REPO
 
 
@@ -98,7 +98,7 @@ def test_benchmark_of_a_shipped_pretraining_spec_needs_no_data_or_tokenizer(
 
 @pytest.mark.slow
 def test_table_runs_every_row_and_a_failing_row_does_not_end_it(tmp_path: Path) -> None:
-    from mpt_train.benchmark_table import load_table
+    from mpt_train.tools.benchmark_table import load_table
 
     tiny = ["precision=fp32", "compile.enabled=false", "model.attn_config.impl=sdpa",
             "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.vocab_size=256",
@@ -133,8 +133,8 @@ def test_table_runs_every_row_and_a_failing_row_does_not_end_it(tmp_path: Path) 
 
 
 def test_table_file_rejects_unknown_keys_by_name(tmp_path: Path) -> None:
-    from mpt_train.benchmark_table import load_table
     from mpt_train.errors import ConfigError
+    from mpt_train.tools.benchmark_table import load_table
 
     path = tmp_path / "table.yaml"
     path.write_text("rows:\n  - spec: yamls/mpt-1b.yaml\n    overides: [a=1]\n")
@@ -150,15 +150,15 @@ def test_table_file_rejects_unknown_keys_by_name(tmp_path: Path) -> None:
 
 
 def test_only_names_rows_that_exist(capsys: pytest.CaptureFixture[str]) -> None:
-    from mpt_train.benchmark_table import main
+    from mpt_train.tools.benchmark_table import main
 
     assert main([str(REPO / "yamls/benchmarks/h100.yaml"), "--only", "mpt-1b", "mpt-2b"]) == 2
     assert "['mpt-2b'] not in" in capsys.readouterr().err  # nothing ran
 
 
 def test_shipped_h100_table_covers_the_sizes_and_loads() -> None:
-    from mpt_train.benchmark_table import load_table
     from mpt_train.config import load_config
+    from mpt_train.tools.benchmark_table import load_table
 
     table = load_table(REPO / "yamls/benchmarks/h100.yaml")
     assert {"mpt-125m", "mpt-350m", "mpt-1b", "mpt-3b"} <= {r.name for r in table.rows}
@@ -178,7 +178,7 @@ def test_shipped_h100_table_covers_the_sizes_and_loads() -> None:
 def test_table_budget_lists_rows_it_has_no_time_for_and_only_sets_the_order(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from mpt_train.benchmark_table import main
+    from mpt_train.tools.benchmark_table import main
 
     table = str(REPO / "yamls/benchmarks/h100.yaml")
     assert main([table, "--only", "mpt-1b", "mpt-125m", "--budget-s", "0"]) == 1
@@ -188,7 +188,7 @@ def test_table_budget_lists_rows_it_has_no_time_for_and_only_sets_the_order(
 
 
 def test_table_row_without_a_result_line_is_a_failed_row_not_a_crash() -> None:
-    from mpt_train.benchmark_table import _result
+    from mpt_train.tools.benchmark_table import _result
 
     def done(out: str, rc: int = 0, err: str = "") -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess([], rc, out, err)
@@ -213,7 +213,7 @@ def test_table_row_without_a_result_line_is_a_failed_row_not_a_crash() -> None:
 def test_benchmark_on_two_ranks_shards_and_reports_per_gpu(tmp_path: Path) -> None:
     """``composer -n N scripts/benchmark.py SPEC``: synthetic batches split over the ranks
     (Composer refuses a loader without a distributed sampler), rank 0 prints the row."""
-    from tests.training.conftest import composer_cmd, run
+    from tests.train.conftest import composer_cmd, run
 
     cmd = [
         *composer_cmd(2), str(REPO / "scripts" / "benchmark.py"), str(REPO / "yamls/mpt-125m.yaml"),
@@ -231,8 +231,8 @@ def test_benchmark_on_two_ranks_shards_and_reports_per_gpu(tmp_path: Path) -> No
 def test_benchmark_of_a_spec_scheduled_in_tokens(tmp_path: Path, monkeypatch) -> None:
     """MPT-7B's spec counts its warmup in tokens (as its max_duration); the benchmark's own
     batch-counted duration must not turn that into a schedule error."""
-    from mpt_train.benchmark import run_benchmark
     from mpt_train.config import load_config
+    from mpt_train.tools.benchmark import run_benchmark
 
     monkeypatch.chdir(tmp_path)
     tiny = ["precision=fp32", "model.attn_config.impl=sdpa", "model.n_layers=1",
@@ -252,7 +252,7 @@ def test_profile_busy_time_leaves_out_ranges_that_annotate_other_kernels() -> No
 
     from torch.autograd import DeviceType
 
-    from mpt_train.benchmark import _busy_us
+    from mpt_train.tools.benchmark import _busy_us
 
     def ev(name: str, us: float, annotation: bool = False, cpu: bool = False) -> SimpleNamespace:
         device = DeviceType.CPU if cpu else DeviceType.CUDA
@@ -279,7 +279,7 @@ def test_idle_gaps_name_the_kernels_around_them_and_the_host_work_inside() -> No
 
     from torch.autograd import DeviceType
 
-    from mpt_train.idle_gaps import format_gaps, gaps_from_profile
+    from mpt_train.tools.idle_gaps import format_gaps, gaps_from_profile
 
     def ev(name, start, end, device=DeviceType.CPU, parent=None, annotation=False):
         span = SimpleNamespace(start=start, end=end)

@@ -27,10 +27,8 @@ from composer.loggers import Logger, LoggerDestination, WandBLogger
 from composer.utils import dist, reproducibility
 from composer.utils.parallelism import FSDP2Config
 
-from mpt_train.accounting import detect_gpu_type, get_gpu
 from mpt_train.callbacks import CostMonitor, TrainSpeedMonitor
-from mpt_train.clipping import build_gradient_clipping
-from mpt_train.composer_model import IGNORE_INDEX, ComposerMPT, shift_labels
+from mpt_train.callbacks.accounting import detect_gpu_type, get_gpu
 from mpt_train.config import RunConfig, redact, to_container
 from mpt_train.config.schema import CUDA_GRAPH_MODES, check_schedule
 from mpt_train.config.validate import device_train_batch_size, validate_run
@@ -41,17 +39,19 @@ from mpt_train.data.synthetic import build_synthetic_dataloader
 from mpt_train.errors import ConfigError
 from mpt_train.eval.callback import ICLEvalCallback
 from mpt_train.eval.icl import for_model
-from mpt_train.gloo_average import GlooGradientAverage
-from mpt_train.host_reads import side_stream
 from mpt_train.loggers import ConsoleLine, JsonlLogger
 from mpt_train.model import MPTBlock, build_model, init_weights
-from mpt_train.optim import build_optimizer, build_scheduler
 from mpt_train.reliability import (
     check_load_path_trusted,
     check_resume_layout,
     prepare_resume,
     reliability_callbacks,
 )
+from mpt_train.train.clipping import build_gradient_clipping
+from mpt_train.train.composer_model import IGNORE_INDEX, ComposerMPT, shift_labels
+from mpt_train.train.gloo_average import GlooGradientAverage
+from mpt_train.train.host_reads import side_stream
+from mpt_train.train.optim import build_optimizer, build_scheduler
 
 __all__ = ["RunSpecRecorder", "build_trainer", "resolve_run_name", "train"]
 
@@ -97,7 +97,7 @@ class MPTTrainer(Trainer):
       next batch) while the GPU idles in turn. Here that read (and the cross-rank counts) run
       on a side stream that waits for the loss only; the default stream is current again
       before any callback runs, so everything that reads weights still waits for the update.
-      The loss guard's and the clip's numbers are copied early (:mod:`mpt_train.host_reads`).
+      The loss guard's and the clip's numbers are copied early (:mod:`mpt_train.train.host_reads`).
       Composer still waits for the update at its next-batch check (``iter_finished.item()``
       after fetching the batch), after every forward with ``device_train_microbatch_size:
       auto``, and in ``loss.train_metrics``' sync: the overlap is BATCH_END to the fetch.

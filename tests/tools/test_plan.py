@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mpt_train.accounting import duration_tokens, get_gpu, price_per_gpu_hour
+from mpt_train.callbacks.accounting import duration_tokens, get_gpu, price_per_gpu_hour
 from mpt_train.config import ConfigError, load_config, load_config_dict
-from mpt_train.plan import MPT_7B_PUBLISHED, PUBLISHED_MFU, implied_mfu, main, make_plan
+from mpt_train.tools.plan import MPT_7B_PUBLISHED, PUBLISHED_MFU, implied_mfu, main, make_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC_7B_1T = ROOT / "yamls" / "mpt-7b-1t.yaml"
@@ -140,7 +140,7 @@ def test_cli_bad_spec_exits_2_with_the_key(tmp_path: Path, capsys: pytest.Captur
 def test_flex_kernel_options_do_not_stop_planning_or_counting_flops() -> None:
     """Planning counts parameters and FLOPs on a reference-kernel copy of the model: options for
     FlexAttention's kernel must not make that copy invalid (they change no shape or FLOP)."""
-    from mpt_train.accounting import flops_per_token
+    from mpt_train.callbacks.accounting import flops_per_token
 
     root = Path(__file__).resolve().parents[2]
     plain = load_config(root / "yamls/mpt-125m.yaml")

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from mpt_train.accounting import (
+from mpt_train.callbacks.accounting import (
     GPU_TYPES,
     duration_tokens,
     flops_per_token,
@@ -71,7 +71,7 @@ def implied_mfu(flops: float, run: PublishedRun) -> float:
 
 
 # MPT-7B's 4.31e22 FLOPs (see the module docstring) over its cluster's 1.127e23 peak FLOPs.
-# tests/accounting/test_plan.py recomputes it from the model so it cannot drift.
+# tests/tools/test_plan.py recomputes it from the model so it cannot drift.
 PUBLISHED_MFU = 0.383
 
 

@@ -22,8 +22,8 @@ from composer.loggers import Logger
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mpt_train.config import load_config_dict
-from mpt_train.trainer import build_trainer
-from tests.training.conftest import tiny_spec
+from mpt_train.train.builder import build_trainer
+from tests.train.conftest import tiny_spec
 
 READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__",
          "new_tensor")  # fmt: skip

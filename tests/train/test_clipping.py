@@ -8,12 +8,12 @@ import pytest
 import torch
 from composer.algorithms import GradientClipping
 
-from mpt_train.clipping import FusedNormClipping, fold_norm_clip
 from mpt_train.config import ConfigError, load_config_dict
 from mpt_train.loggers.jsonl import read_metrics
-from mpt_train.trainer import build_trainer, train
+from mpt_train.train.builder import build_trainer, train
+from mpt_train.train.clipping import FusedNormClipping, fold_norm_clip
 from tests.helpers import REPO
-from tests.training.conftest import composer_cmd, run, tiny_spec, write_spec
+from tests.train.conftest import composer_cmd, run, tiny_spec, write_spec
 
 FUSED = {"name": "decoupled_adamw", "lr": 1e-3, "weight_decay": 1e-5, "implementation": "fused"}
 
@@ -101,7 +101,7 @@ def test_fused_clipping_is_refused_before_the_model_is_built_when_impossible(
     def no_build(*args, **kwargs):
         raise AssertionError("the model was built before the spec was refused")
 
-    monkeypatch.setattr("mpt_train.trainer.build_model", no_build)
+    monkeypatch.setattr("mpt_train.train.builder.build_model", no_build)
     spec = tiny_spec(mds_dir, gradient_clipping={"implementation": "fused"})  # foreach on CPU
     with pytest.raises(ConfigError, match=r"gradient_clipping\.implementation.*fused AdamW"):
         build_trainer(load_config_dict(spec))

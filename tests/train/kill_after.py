@@ -1,6 +1,6 @@
 """Train like ``train.py`` but SIGKILL one rank at the end of a given batch.
 
-Fault injection for resumption tests: ``composer -n 2 tests/training/kill_after.py 5 1 SPEC
+Fault injection for resumption tests: ``composer -n 2 tests/train/kill_after.py 5 1 SPEC
 [overrides]`` kills rank 1 once batch 5 is done (after any checkpoint due then), as a hardware failure would.
 """
 
@@ -16,7 +16,7 @@ from composer.utils import dist
 
 from mpt_train.cli import setup_logging
 from mpt_train.config import load_config
-from mpt_train.trainer import build_trainer
+from mpt_train.train.builder import build_trainer
 
 
 class KillAt(Callback):

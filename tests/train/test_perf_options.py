@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpt_train.composer_model import ComposerMPT, shift_labels
 from mpt_train.config import load_config_dict
 from mpt_train.loggers.jsonl import read_metrics
 from mpt_train.model import MPTConfig, build_model
 from mpt_train.model.loss import lm_loss
-from mpt_train.trainer import train
-from tests.training.conftest import tiny_spec
+from mpt_train.train.builder import train
+from mpt_train.train.composer_model import ComposerMPT, shift_labels
+from tests.train.conftest import tiny_spec
 
 
 def _model(**kw) -> torch.nn.Module:
@@ -147,7 +147,7 @@ def test_pretraining_token_counts_come_from_shapes_and_equal_the_counted_ones(
     """Composer asks for token counts before every microbatch: for text batches they must
     not read device memory (a device-to-host copy stalls the GPU), yet equal the real counts."""
     from mpt_train.data import TextLoaderConfig, build_text_dataloader
-    from mpt_train.trainer import _pretrain_token_counts, _token_counts
+    from mpt_train.train.builder import _pretrain_token_counts, _token_counts
 
     loader = TextLoaderConfig(num_workers=0)
     loader.dataset.local, loader.dataset.max_seq_len = str(mds_dir), 32
@@ -261,7 +261,7 @@ def test_fast_path_under_two_rank_fsdp_trains_like_the_plain_path(
     """FlexAttention in compiled blocks, sharded by FSDP2 over two real processes (gloo), with
     the chunked loss reading the gathered tied head: the losses of the plain sharded run."""
     from tests.helpers import REPO
-    from tests.training.conftest import composer_cmd, run, write_spec
+    from tests.train.conftest import composer_cmd, run, write_spec
 
     base = tiny_spec(mds_dir, max_duration="4ba", fsdp={"sharding_strategy": "FULL_SHARD"})
     fast = {
@@ -344,7 +344,7 @@ def test_compiled_blocks_under_bf16_autocast_trace_whole_and_match_eager(impl: s
 def test_one_gpu_meta_model_trains(mds_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """On one GPU nothing shards a meta model: the trainer materialises it on the GPU (no
     host build and copy), and it trains."""
-    import mpt_train.trainer as trainer
+    import mpt_train.train.builder as trainer
 
     built_on = []
     real = trainer.build_model

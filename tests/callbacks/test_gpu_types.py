@@ -11,10 +11,10 @@ import logging
 import pytest
 from composer.callbacks.speed_monitor import GPU_AVAILABLE_FLOPS
 
-from mpt_train.accounting import GPU_TYPES, detect_gpu_type, get_gpu
+from mpt_train.callbacks.accounting import GPU_TYPES, detect_gpu_type, get_gpu
 from mpt_train.config import load_config_dict
-from mpt_train.plan import make_plan
-from tests.accounting.test_plan import MPT_7B
+from mpt_train.tools.plan import make_plan
+from tests.tools.test_plan import MPT_7B
 
 
 @pytest.mark.parametrize(
@@ -42,7 +42,7 @@ def test_device_name_maps_to_its_variant_and_peak(
 def test_unknown_variant_gives_no_peak_rather_than_a_wrong_one(
     device_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="mpt_train.accounting"):
+    with caplog.at_level(logging.WARNING, logger="mpt_train.callbacks.accounting"):
         assert detect_gpu_type(device_name) is None
     assert device_name in caplog.text and "cost.gpu_type" in caplog.text
 

@@ -15,9 +15,9 @@ import pytest
 
 from mpt_train.config import load_config_dict
 from mpt_train.loggers.jsonl import read_metrics
-from mpt_train.trainer import train
+from mpt_train.train.builder import train
 from tests.helpers import REPO
-from tests.training.conftest import composer_cmd, run, tiny_spec, write_spec
+from tests.train.conftest import composer_cmd, run, tiny_spec, write_spec
 
 
 def _losses(path: Path) -> list[float]:
@@ -46,7 +46,7 @@ def test_one_rank_says_sharding_settings_do_nothing(
     monkeypatch.chdir(tmp_path)
     spec = tiny_spec(mds_dir, max_duration="1ba",
                      fsdp={"sharding_strategy": "SHARD_GRAD_OP", "mixed_precision": "PURE"})  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="mpt_train.trainer"):
+    with caplog.at_level(logging.WARNING, logger="mpt_train.train.builder"):
         train(load_config_dict(spec))
     [line] = [r.getMessage() for r in caplog.records if "have no effect" in r.getMessage()]
     assert "fsdp.mixed_precision=PURE" in line and "SHARD_GRAD_OP" in line

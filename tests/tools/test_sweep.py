@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from mpt_train.config import ConfigError, load_config
-from mpt_train.sweep import load_sweep, resolve, write_slurm
-from tests.accounting.conftest import SEQ
+from mpt_train.tools.sweep import load_sweep, resolve, write_slurm
+from tests.conftest import SWEEP_SEQ as SEQ
 from tests.helpers import REPO
 
 QUICKSTART = REPO / "yamls" / "quickstart.yaml"
@@ -70,7 +70,7 @@ def test_points_are_checked_on_the_ranks_they_will_run_on(
 ) -> None:
     """A batch that does not split across nodes x gpus fails before any script is queued (as
     train.py would refuse it once the job starts); a schedule warning names its point."""
-    from mpt_train.sweep import main
+    from mpt_train.tools.sweep import main
 
     grid = {"global_train_batch_size": [32, 250]}
     path = write_sweep(tmp_path, "/data/x", nodes=2, gpus=8, grid=grid)
@@ -92,7 +92,7 @@ def test_points_are_checked_on_the_ranks_they_will_run_on(
 
 
 def test_a_missing_sweep_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from mpt_train.sweep import main
+    from mpt_train.tools.sweep import main
 
     assert main([str(tmp_path / "nothere.yaml"), "--dry-run"]) == 2
     assert f"sweep file not found: {tmp_path / 'nothere.yaml'}" in capsys.readouterr().err
@@ -118,7 +118,7 @@ def test_a_multi_node_sweep_file_also_runs_with_the_local_launcher(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """The same file serves Slurm (2 nodes) and a local trial run: nodes is noted, not fatal."""
-    from mpt_train.sweep import main
+    from mpt_train.tools.sweep import main
 
     path = write_sweep(tmp_path, "/data/x", nodes=2, gpus=8, grid=WIDE)
     assert main([str(path), "--dry-run", "--out-dir", str(tmp_path / "out")]) == 0
@@ -226,8 +226,8 @@ def test_slurm_points_get_their_status_from_what_the_run_left(
     """Slurm hands back no exit status, so the report reads each run's metrics: a run that
     trained to max_duration is ok, one killed midway is incomplete (not "ok"), one never
     started is missing."""
-    from mpt_train.sweep_report import collect
-    from mpt_train.trainer import train
+    from mpt_train.tools.sweep_report import collect
+    from mpt_train.train.builder import train
 
     monkeypatch.chdir(tmp_path)
     points_over = [
@@ -243,7 +243,7 @@ def test_slurm_points_get_their_status_from_what_the_run_left(
     train(load_config(points[0].spec))  # 2 batches of 16 x 32 tokens: reaches 1024tok
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
     killed = subprocess.run(  # SIGKILLed once its first batch is done, as a lost node would be
-        [sys.executable, str(REPO / "tests/training/kill_after.py"), "1", "0", points[1].spec],
+        [sys.executable, str(REPO / "tests/train/kill_after.py"), "1", "0", points[1].spec],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -264,7 +264,7 @@ def test_slurm_points_get_their_status_from_what_the_run_left(
 def test_a_local_point_that_died_before_any_metrics_reads_exit_n(tmp_path: Path) -> None:
     """A point that crashed at startup left no metrics: its exit status is what it reports
     (not ``missing``, which reads as not run yet)."""
-    from mpt_train.sweep_report import summarize
+    from mpt_train.tools.sweep_report import summarize
 
     point = {"index": 2, "run_name": "p2", "overrides": {"lr": 1}, "spec": str(tmp_path / "s")}
     gone = str(tmp_path / "never-written.jsonl")
@@ -277,7 +277,7 @@ def test_a_sweep_started_outside_the_checkout_runs_its_train_py(
 ) -> None:
     """The generated commands run from where sweep.py was started: from another directory
     they name the checkout's train.py by its absolute path instead of a missing ./train.py."""
-    from mpt_train.sweep import main
+    from mpt_train.tools.sweep import main
 
     path = write_sweep(tmp_path, "/data/x")
     monkeypatch.chdir(tmp_path)

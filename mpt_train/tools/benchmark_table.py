@@ -1,7 +1,7 @@
 """A whole benchmark table from one file: every row through the real trainer, one process each.
 
 ``scripts/benchmark_table.py yamls/benchmarks/h100.yaml`` runs each row as
-``python -m mpt_train.benchmark SPEC OVERRIDES --json`` in its own process, so a row that runs
+``python -m mpt_train.tools.benchmark SPEC OVERRIDES --json`` in its own process, so a row that runs
 out of GPU memory (a 3B micro batch one size too big) or fails to compile is reported in its
 line of the table instead of ending the table, and every row starts with an empty allocator.
 
@@ -33,8 +33,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mpt_train.benchmark import COLUMNS, BenchmarkRow, format_row
 from mpt_train.errors import ConfigError
+from mpt_train.tools.benchmark import COLUMNS, BenchmarkRow, format_row
 
 __all__ = ["TableRow", "TableSpec", "load_table", "main", "run_table"]
 
@@ -98,7 +98,7 @@ def _row_cmd(row: TableRow, table: TableSpec, root: Path) -> list[str]:
     spec = Path(row.spec)
     if not spec.is_absolute() and not spec.exists():
         spec = root / row.spec  # relative to the repository that holds the table
-    cmd = [sys.executable, "-m", "mpt_train.benchmark", str(spec), *row.overrides, "--json"]
+    cmd = [sys.executable, "-m", "mpt_train.tools.benchmark", str(spec), *row.overrides, "--json"]
     steps, warmup = _steps(row, table)
     cmd += ["--steps", str(steps), "--warmup", str(warmup)]
     if row.name:

@@ -7,9 +7,9 @@ import torch
 from composer.optim import DecoupledAdamW
 
 from mpt_train.config.schema import OptimizerConfig
-from mpt_train.lion import DecoupledLionW
 from mpt_train.model import MPTConfig, build_model
-from mpt_train.optim import build_optimizer, param_groups
+from mpt_train.train.lion import DecoupledLionW
+from mpt_train.train.optim import build_optimizer, param_groups
 
 
 def tiny_model(no_bias: bool = False) -> torch.nn.Module:

@@ -1,11 +1,11 @@
 """Benchmark a spec through the real trainer: one row of llm-foundry's benchmark table.
 
 ``scripts/benchmark.py SPEC [a.b=c ...] [--steps 10 --warmup 3] [--json]`` builds the trainer
-exactly as ``train.py`` does (:func:`mpt_train.trainer.build_trainer`), runs a fixed number of
+exactly as ``train.py`` does (:func:`mpt_train.train.builder.build_trainer`), runs a fixed number of
 steps with no eval, checkpoint or metrics file, and times the steps after the warm-up ones
 (the first steps pay for compilation, allocator growth and data start-up).
 
-MFU/HFU follow :mod:`mpt_train.accounting` (llm-foundry's convention). On CPU there is no
+MFU/HFU follow :mod:`mpt_train.callbacks.accounting` (llm-foundry's convention). On CPU there is no
 meaningful peak: MFU is ``n/a`` unless ``--peak-flops`` gives a nominal one. Peak memory is
 CUDA's max allocated on GPU, the process's max resident set on CPU (labelled so).
 Multi-GPU: ``composer -n 8 scripts/benchmark.py SPEC``; rank 0 prints.
@@ -32,11 +32,11 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch.autograd import DeviceType
 
-from mpt_train.accounting import detect_gpu_type, get_gpu, hfu_from_mfu, shape_model
+from mpt_train.callbacks.accounting import detect_gpu_type, get_gpu, hfu_from_mfu, shape_model
 from mpt_train.config import ConfigError, RunConfig, load_config
 from mpt_train.config.schema import train_seq_len
 from mpt_train.data.config import TextLoaderConfig
-from mpt_train.idle_gaps import format_gaps, gaps_from_profile, is_annotation
+from mpt_train.tools.idle_gaps import format_gaps, gaps_from_profile, is_annotation
 
 __all__ = ["BenchmarkRow", "StepProfiler", "StepTimer", "format_row", "main", "run_benchmark"]
 
@@ -233,7 +233,7 @@ def run_benchmark(
     """
     from dataclasses import replace
 
-    from mpt_train.trainer import build_trainer
+    from mpt_train.train.builder import build_trainer
 
     label = name or cfg.run_name or "mpt"
     if warmup < 1:

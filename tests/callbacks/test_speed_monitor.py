@@ -20,11 +20,11 @@ from composer.loggers import InMemoryLogger
 from composer.models import ComposerClassifier
 from torch.utils.data import DataLoader, TensorDataset
 
-from mpt_train.accounting import get_gpu
 from mpt_train.callbacks import CostMonitor, TrainSpeedMonitor
+from mpt_train.callbacks.accounting import get_gpu
 from mpt_train.config import load_config_dict
-from mpt_train.trainer import build_trainer
-from tests.training.conftest import tiny_spec
+from mpt_train.train.builder import build_trainer
+from tests.train.conftest import tiny_spec
 
 PAUSE = 1.0
 

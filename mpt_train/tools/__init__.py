@@ -1,0 +1,1 @@
+"""Commands around training: planning, benchmarks, sweeps and the quickstart."""
