@@ -153,7 +153,7 @@ def run_table(
     after it are listed as not run, so the table still prints before the reservation ends.
     """
     deadline = None if budget_s is None else time.monotonic() + budget_s
-    package_root = str(Path(__file__).resolve().parents[1])
+    package_root = str(Path(__file__).resolve().parents[2])
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]),

@@ -338,7 +338,7 @@ def _train_script(given: str) -> str:
     the checkout's own ``train.py`` by absolute path (a sweep started from elsewhere)."""
     if Path(given).is_file():
         return given
-    own = Path(__file__).resolve().parents[1] / "train.py"
+    own = Path(__file__).resolve().parents[2] / "train.py"
     if given == "train.py" and own.is_file():
         return str(own)
     raise ConfigError("--train-script", f"{given} not found (from {Path.cwd()})")
