@@ -211,6 +211,26 @@ def format_table(results: list[tuple[TableRow, BenchmarkRow | str]]) -> str:
     return "\n".join([names, "|" + " --- |" * len(COLUMNS), *(_line(r, x) for r, x in results)])
 
 
+def _record(
+    folder: str, results: list[tuple[TableRow, BenchmarkRow | str]], argv: Sequence[str] | None
+) -> None:
+    """The rows that ran, as a record (:mod:`mpt_train.tools.records`) dated today (UTC)."""
+    import datetime
+    import shlex
+
+    from mpt_train.tools.records import write_record
+
+    ran = {(r.name or Path(r.spec).stem): x for r, x in results if isinstance(x, BenchmarkRow)}
+    if not ran:
+        log.warning("no row ran: no record written")
+        return
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = "python scripts/benchmark_table.py " + shlex.join(args)
+    date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    path = write_record(folder, date, command, ran)
+    print(f"record: {path}", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmark_table.py", description=__doc__.split("\n")[0])
     parser.add_argument("table", help="table file (see yamls/benchmarks/)")
@@ -226,6 +246,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument(
         "--logs", default=None, help="write each row's whole output to DIR/NAME.log"
+    )
+    parser.add_argument(
+        "--record",
+        default=None,
+        metavar="DIR",
+        help="also write the rows that ran as a new dated record in DIR (e.g. "
+        "benchmarks/results), with this machine's GPU and software stack",
     )
     args = parser.parse_args(argv)
     from mpt_train.cli import setup_logging
@@ -259,4 +286,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r, x in results
         ]  # fmt: skip
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.record:
+        _record(args.record, results, argv)
     return 0 if all(isinstance(x, BenchmarkRow) for _, x in results) else 1

@@ -117,7 +117,8 @@ def test_table_runs_every_row_and_a_failing_row_does_not_end_it(tmp_path: Path) 
     assert len(load_table(path).rows) == 2
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(REPO / "scripts/benchmark_table.py"), str(path),
-           "--json", str(tmp_path / "rows.json"), "--logs", str(tmp_path / "logs")]  # fmt: skip
+           "--json", str(tmp_path / "rows.json"), "--logs", str(tmp_path / "logs"),
+           "--record", str(tmp_path / "records")]  # fmt: skip
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 1, run.stderr[-3000:]  # one row failed
     table_lines = [ln for ln in run.stdout.splitlines() if ln.startswith("| ")]
@@ -130,6 +131,15 @@ def test_table_runs_every_row_and_a_failing_row_does_not_end_it(tmp_path: Path) 
     assert rows[1]["result"]["steps_timed"] == 2  # the row's own steps and warm-up
     assert "n_layerz" in (tmp_path / "logs/typo.log").read_text()
     assert (tmp_path / "logs/tiny-125m.log").read_text().startswith("{")
+    # The rows that ran, as a dated record with the stack they ran on (the failed row is not).
+    import torch
+
+    from mpt_train.tools.records import load_records
+
+    (record,) = load_records(tmp_path / "records")
+    assert list(record.rows) == ["tiny-125m"] and record.rows["tiny-125m"].losses == losses
+    assert record.gpu_type == "cpu" and record.stack["torch"] == torch.__version__
+    assert "--record" in record.command and record.path.name == f"{record.date}-cpu.json"
 
 
 def test_table_file_rejects_unknown_keys_by_name(tmp_path: Path) -> None:
