@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SPEC ?= yamls/quickstart.yaml
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast quickstart lint format clean
+.PHONY: venv test test-fast quickstart lint format docs clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,10 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) scripts/lint_dockerfile.py Dockerfile
+
+# The run-spec reference and the benchmark tables in README.md and docs/, from their sources.
+docs: $(STAMP)
+	$(PY) scripts/docs.py
 
 format: $(STAMP)
 	$(PY) -m ruff format .
