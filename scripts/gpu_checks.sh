@@ -59,7 +59,7 @@ table() {
   shift 2
   left=$((end - SECONDS - keep))
   python3 scripts/benchmark_table.py yamls/benchmarks/h100.yaml --only "$@" \
-    --budget-s $((left > 0 ? left : 0)) --json "$json" --logs "$out/logs" 2>&1 | tee -a "$out/table.txt"
+    --budget-s $((left > 0 ? left : 0)) --json "$json" --logs "$out/logs" --record "$out/records" 2>&1 | tee -a "$out/table.txt"
 }
 : >"$out/table.txt"
 table "$out/rows-key.json" "$tests_s" mpt-1b ${cudnn_rows[@]+"${cudnn_rows[@]}"} mpt-1b-spec-mb8 \
