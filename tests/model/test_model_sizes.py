@@ -1,4 +1,4 @@
-"""Every yamls/models/*.yaml builds on meta with the parameter count the README states."""
+"""Every yamls/models/*.yaml builds on meta with the parameter count docs/models.md states."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from mpt_train.model import MPTConfig, build_model
 
 REPO = Path(__file__).resolve().parents[2]
-README = REPO / "README.md"
+MODELS_PAGE = REPO / "docs" / "models.md"
 
 # The shapes of llm-foundry's MPT yamls (d_model, n_heads, n_layers), from the issue.
 LLM_FOUNDRY_SHAPES = {
@@ -29,7 +29,7 @@ LLM_FOUNDRY_SHAPES = {
 
 def _table() -> dict[str, dict[str, str]]:
     """Parse the markdown table: {yaml path: {column: cell}}."""
-    section = README.read_text().split("\n## Models\n", 1)[1].split("\n## ", 1)[0]
+    section = MODELS_PAGE.read_text().split("\n## Sizes\n", 1)[1].split("\n## ", 1)[0]
     lines = [ln for ln in section.splitlines() if ln.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = {}
