@@ -1,4 +1,4 @@
-"""Surviving failures: checkpoint integrity and trust, loss guards (README: Reliability)."""
+"""Surviving failures: checkpoint integrity and trust, loss guards (docs/reliability.md)."""
 
 from __future__ import annotations
 
