@@ -25,7 +25,15 @@ _ATTR = re.compile(r"^\s{4,8}(\w+):\s+(.*)$")
 
 
 def describe_fields(cls: type) -> dict[str, str]:
-    """Each field's description: its ``Attributes:`` entry, else the comments above it."""
+    """Each field's description: its ``Attributes:`` entry, else the comments above it (a
+    subclass's own first, then its bases')."""
+    out: dict[str, str] = {}
+    for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        out.update(_own_descriptions(base))
+    return out
+
+
+def _own_descriptions(cls: type) -> dict[str, str]:
     out: dict[str, str] = {}
     doc = inspect.getdoc(cls) or ""
     if "Attributes:" in doc:
@@ -155,11 +163,125 @@ TOP_LEVEL = {
 }
 
 
-def _section_text(key: str, cls: type) -> list[str]:
-    hints = typing.get_type_hints(cls)
-    notes = describe_fields(cls)
+# Keys whose section documents them in prose only, by section class and field.
+NOTES: dict[str, dict[str, str]] = {
+    "MPTConfig": {
+        "d_model": "Width of the residual stream.",
+        "n_heads": "Attention heads; must divide `d_model`.",
+        "n_layers": "Transformer blocks.",
+        "expansion_ratio": "MLP width as a multiple of `d_model`.",
+        "max_seq_len": "Longest sequence the model is built for (ALiBi evaluates beyond it).",
+        "vocab_size": "Embedding rows; GPT-NeoX-20B's 50277 ids padded to a multiple of 64.",
+        "no_bias": "No bias in any linear layer or LayerNorm (MPT).",
+        "norm_type": "`low_precision_layernorm` (MPT: in the autocast dtype), `layernorm` or `rmsnorm`.",
+        "norm_eps": "LayerNorm epsilon.",
+        "learned_pos_emb": "Learned position embeddings (MPT uses ALiBi instead).",
+        "logit_scale": "Multiply the output logits by this; null = 1.",
+        "embedding_fraction": "Scale the embedding's gradient by this fraction (1 = plain).",
+        "emb_pdrop": "Dropout after the embedding.",
+        "resid_pdrop": "Dropout on each block's residual branches.",
+        "init_device": "`cpu`, or `meta`: build without storage and materialise on the GPU "
+        "(only the local shards under FSDP).",
+    },
+    "AttentionConfig": {
+        "impl": "`torch`, `sdpa`, `flex`, `flash` or `cudnn` ([models.md](models.md#attention-kernels)).",
+        "alibi": "ALiBi position bias (MPT).",
+        "alibi_bias_max": "ALiBi's largest slope exponent (MPT: 8).",
+        "qk_ln": "LayerNorm on queries and keys.",
+        "clip_qkv": "Clamp the QKV projection to +- this; null = no clamp.",
+        "softmax_scale": "Attention scale; null = 1 / sqrt(head dim).",
+        "kv_n_heads": "Key/value heads for grouped-query attention; null = `n_heads`.",
+        "attn_pdrop": "Attention dropout.",
+        "attn_uses_sequence_id": "Mask attention between packed documents (`sequence_id`).",
+        "flex_kernel_options": "FlexAttention kernel options, passed unchanged; speed only.",
+        "sdpa_backends": "SDPA kernels `impl: sdpa` may use; empty = all.",
+    },
+    "InitConfig": {
+        "name": "`kaiming_normal` (MPT) or `normal`.",
+        "fan_mode": "`fan_in` or `fan_out` for kaiming init.",
+        "init_gain": "Negative slope for `init_nonlinearity: leaky_relu`.",
+        "init_nonlinearity": "`relu` or `leaky_relu`.",
+        "init_std": "Standard deviation for `name: normal`.",
+        "emb_init_std": "The embedding's own standard deviation; null = as the other layers.",
+        "init_div_is_residual": "Divide residual output projections by sqrt(2 * n_layers).",
+    },
+    "TokenizerConfig": {
+        "name": "Hugging Face tokenizer name or local path (`mpt-train/tiny-bpe` is shipped).",
+        "kwargs": "Passed to `AutoTokenizer.from_pretrained`.",
+    },
+    "OptimizerConfig": {
+        "name": "`decoupled_adamw`, `decoupled_lionw` or `adamw`.",
+        "lr": "Peak learning rate.",
+        "betas": "The two moment decay rates.",
+        "eps": "Adam's epsilon.",
+        "weight_decay": "Decoupled (absolute) for `decoupled_*`; multiplied by lr for `adamw`.",
+        "decay_embeddings": "Also decay the embedding (MPT does not).",
+    },
+    "SchedulerConfig": {
+        "name": "`cosine_with_warmup`, `linear_decay_with_warmup` or `constant_with_warmup`.",
+        "t_warmup": "Warmup length in Composer time; shorter than the run.",
+        "alpha_f": "Final learning rate as a fraction of `optimizer.lr`.",
+        "t_max": "Length of the decay (`1dur` = the whole run).",
+    },
+    "GradientClippingConfig": {
+        "clipping_type": "`norm`, `value` or `adaptive`.",
+        "clipping_threshold": "Largest gradient norm (or value).",
+        "implementation": "`auto`, `fused` (into torch's fused AdamW) or `composer`.",
+    },
+    "FSDPConfig": {
+        "sharding_strategy": "`FULL_SHARD`, `SHARD_GRAD_OP`, `HYBRID_SHARD` or `NO_SHARD`.",
+        "mixed_precision": "`DEFAULT`, `PURE` (bf16 parameters and gradients) or `FULL`.",
+        "activation_checkpointing": "Recompute each block in backward.",
+        "activation_cpu_offload": "Keep saved activations on the host.",
+        "limit_all_gathers": "Limit in-flight all-gathers (less memory).",
+        "state_dict_type": "`sharded` (one file per rank) or `full` checkpoints.",
+    },
+    "CompileConfig": {
+        "enabled": "Compile each block with `torch.compile`.",
+        "mode": "`torch.compile` mode (`default`, `reduce-overhead`, `max-autotune`, "
+        "`max-autotune-no-cudagraphs`); null = default.",
+        "dynamic": "Dynamic shapes (off: one compile per shape).",
+        "fullgraph": "Fail on a graph break instead of falling back to eager.",
+    },
+    "LoggersConfig": {
+        "console": "Rank 0's one-line progress log.",
+        "console_log_interval": "How often it prints (Composer time).",
+    },
+    "WandbLoggerConfig": {
+        "project": "W&B project.",
+        "entity": "W&B team or user.",
+        "group": "W&B run group.",
+        "tags": "W&B run tags.",
+        "log_artifacts": "Upload checkpoints as W&B artifacts.",
+    },
+    "JsonlLoggerConfig": {"path": "Where the metrics file goes."},
+    "CallbacksConfig": {
+        "lr_monitor": "Log the learning rate.",
+        "memory_monitor": "Log GPU memory.",
+        "runtime_estimator": "Log the estimated time left.",
+    },
+    "SpeedMonitorConfig": {"window_size": "Steps averaged for throughput and MFU."},
+    "CostMonitorConfig": {"log_interval": "Steps between cost lines."},
+}
+
+
+def _notes(cls: type) -> dict[str, str]:
+    """The descriptions of ``cls``'s fields; a note for a field that does not exist fails."""
+    notes = {**NOTES.get(cls.__name__, {}), **describe_fields(cls)}
     if cls is RunConfig:
         notes = {**TOP_LEVEL, **notes}
+    names = {f.name for f in dataclasses.fields(cls)}
+    stale = sorted(set(NOTES.get(cls.__name__, {})) - names)
+    if cls is RunConfig:
+        stale += sorted(set(TOP_LEVEL) - names)
+    if stale:
+        raise KeyError(f"{cls.__name__} has no field {stale[0]!r} (mpt_train/config/reference.py)")
+    return notes
+
+
+def _section_text(key: str, cls: type) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    notes = _notes(cls)
     doc = (inspect.getdoc(cls) or "").split("Attributes:", 1)[0].strip()
     lines = [f"## `{key}`" if key else "## Top level", ""]
     if doc and not doc.startswith(cls.__name__ + "("):
