@@ -30,42 +30,7 @@ HEADLINE = {
     "mpt-125m": "MPT-125M, one micro batch of 16",
 }
 
-# The plans docs/planning.md shows: spec, GPU count, GPU type.
-PLANS = [
-    ("yamls/mpt-7b-1t.yaml", 440, "a100_40gb"),
-    ("yamls/mpt-7b-1t.yaml", 440, "h100"),
-    ("yamls/mpt-30b.yaml", 512, "a100_40gb"),
-    ("yamls/mpt-30b.yaml", 512, "h100"),
-]
-
-
-def render_plans() -> str:
-    """``scripts/plan.py SPEC --gpus N --gpu G --markdown`` for each of :data:`PLANS`, as one
-    table (run from the repository root, as a reader would)."""
-    import contextlib
-    import io
-    import os
-
-    from mpt_train.tools.plan import main as plan
-
-    rows = []
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        for spec, gpus, gpu in PLANS:
-            out = io.StringIO()
-            with contextlib.redirect_stdout(out):
-                code = plan([spec, "--gpus", str(gpus), "--gpu", gpu, "--markdown"])
-            if code != 0:
-                raise RuntimeError(f"plan.py {spec} --gpus {gpus} --gpu {gpu} exited {code}")
-            rows.append(out.getvalue().strip().splitlines())
-    finally:
-        os.chdir(cwd)
-    return "\n".join(rows[0][:2] + [r[-1] for r in rows])
-
-
 BLOCKS: dict[str, Callable[[], str]] = {
-    "plan-table": render_plans,
     "spec-reference": render_reference,
     "h100-headline": lambda: render_headline("h100", HEADLINE),
     "h100-table": lambda: render_table("h100"),
