@@ -1,1 +1,2 @@
-"""Commands around training: planning, benchmarks, sweeps and the quickstart."""
+"""Commands around training: planning, benchmarks and their records, sweeps, the quickstart,
+and the generated parts of the docs."""
