@@ -8,28 +8,17 @@ one line naming the path, URL or step, and exit status 1.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from mpt_train.errors import ConfigError, RunFailure
+from mpt_train.errors import ConfigError, run_cli, setup_logging
 
 __all__ = ["main", "setup_logging"]
 
-
-def setup_logging(level: str | None = None) -> None:
-    """Rank-aware logging: rank 0 at INFO, other ranks only warnings (unless MPT_LOG_ALL_RANKS)."""
-    rank = int(os.environ.get("RANK", "0"))
-    default = "INFO" if rank == 0 or os.environ.get("MPT_LOG_ALL_RANKS") else "WARNING"
-    logging.basicConfig(
-        level=(level or os.environ.get("MPT_LOG_LEVEL") or default).upper(),
-        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
-    for noisy in ("composer", "streaming", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+if TYPE_CHECKING:
+    from mpt_train.config import RunConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,44 +37,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         "$WORLD_SIZE or 1)",
     )
     args = parser.parse_intermixed_args(argv)
-    setup_logging()
+    return run_cli(lambda: _run(args), prefix=f"error in run spec {args.spec}")
 
-    from mpt_train.config import load_config, redact, to_container
 
-    try:
-        cfg = load_config(args.spec, args.overrides)
-        if args.dry_run:
-            import yaml
+def _run(args: argparse.Namespace) -> int:
+    from mpt_train.config import load_config
 
-            from mpt_train.config.schema import check_schedule
-            from mpt_train.config.validate import check_batch_split
+    cfg = load_config(args.spec, args.overrides)
+    if args.dry_run:
+        return _dry_run(cfg, args.world_size)
+    from mpt_train.train.builder import train
 
-            if args.world_size < 1:
-                raise ConfigError("--world-size", f"got {args.world_size}, expected >= 1")
-            per_rank = check_batch_split(cfg, args.world_size)
-            note = check_schedule(cfg.scheduler, cfg.max_duration)
-            if note:
-                print(f"warning: {note}", file=sys.stderr)
-            mb = cfg.device_train_microbatch_size
-            split = f"{per_rank} per rank"
-            if isinstance(mb, int):
-                split += f", microbatch {mb} ({per_rank // mb} step(s) of gradient accumulation)"
-            # A YAML comment: the output stays a spec that loads as it is.
-            print(
-                f"# global_train_batch_size {cfg.global_train_batch_size} over "
-                f"{args.world_size} rank(s): {split}"
-            )
-            print(yaml.safe_dump(redact(to_container(cfg)), sort_keys=False))
-            return 0
-        from mpt_train.train.builder import train
+    train(cfg)
+    return 0
 
-        train(cfg)
-    except ConfigError as e:
-        print(f"error in run spec {args.spec}: {e}", file=sys.stderr)
-        return 2
-    except RunFailure as e:
-        print(f"run failed: {e}", file=sys.stderr)
-        return 1
+
+def _dry_run(cfg: RunConfig, world_size: int) -> int:
+    """Check the spec as training would, print it resolved (a spec that loads as it is)."""
+    import yaml
+
+    from mpt_train.config import redact, to_container
+    from mpt_train.config.schema import check_schedule
+    from mpt_train.config.validate import check_batch_split
+
+    if world_size < 1:
+        raise ConfigError("--world-size", f"got {world_size}, expected >= 1")
+    per_rank = check_batch_split(cfg, world_size)
+    note = check_schedule(cfg.scheduler, cfg.max_duration)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
+    mb = cfg.device_train_microbatch_size
+    split = f"{per_rank} per rank"
+    if isinstance(mb, int):
+        split += f", microbatch {mb} ({per_rank // mb} step(s) of gradient accumulation)"
+    # A YAML comment: the output stays a spec that loads as it is.
+    print(
+        f"# global_train_batch_size {cfg.global_train_batch_size} over "
+        f"{world_size} rank(s): {split}"
+    )
+    print(yaml.safe_dump(redact(to_container(cfg)), sort_keys=False))
     return 0
 
 

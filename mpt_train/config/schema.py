@@ -343,7 +343,7 @@ class RunConfig:
     compile: CompileConfig = field(default_factory=CompileConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     # GPU: read the step's loss on a side stream, so the between-step host work overlaps the
-    # optimizer update instead of waiting for it (mpt_train.train.builder.MPTTrainer).
+    # optimizer update instead of waiting for it (mpt_train.train.trainer.MPTTrainer).
     overlap_step_end: bool = False
     save_folder: str | None = None
     save_interval: str = "1000ba"

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -52,7 +51,6 @@ from mpt_train.data.packing import TokenPacker
 from mpt_train.data.parallel_encode import ParallelEncoder, default_workers
 from mpt_train.data.sources import (
     BadRecordError,
-    InputReadError,
     InputSource,
     iter_documents,
     resolve_inputs,
@@ -74,7 +72,6 @@ __all__ = [
     "ConvertStats",
     "SplitStats",
     "convert_corpus",
-    "main",
     "split_of",
 ]
 
@@ -376,25 +373,3 @@ def _run_parts(
         workers,
     )
     return new_markers
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point (``mpt-convert``); see ``--help``. Returns the exit status."""
-    from mpt_train.data.convert_cli import parse_args
-
-    opts, log_level = parse_args(argv)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        stats = convert_corpus(opts)
-    except (
-        BadRecordError,
-        InputReadError,
-        ConvertError,
-        OutputNotWritableError,
-        FileNotFoundError,
-    ) as err:
-        log.error("%s", err)
-        return 1
-    print(stats.to_json(), end="")
-    return 0

@@ -1,18 +1,23 @@
-"""Command-line options of ``mpt-convert`` / ``scripts/data_prep/convert.py``.
+"""The ``mpt-convert`` / ``scripts/data_prep/convert.py`` command: flags -> :class:`ConvertOptions`
+-> :func:`convert_corpus`.
 
 Kept apart from the conversion logic so that :mod:`mpt_train.data.convert` stays importable
-and testable as plain functions; this module only maps flags onto :class:`ConvertOptions`.
+and testable as plain functions; this module maps flags onto options and ends the command.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 
-from mpt_train.data.convert import ConvertOptions
+from mpt_train.data.convert import ConvertError, ConvertOptions, convert_corpus
+from mpt_train.data.sources import BadRecordError
+from mpt_train.data.storage import OutputNotWritableError
 from mpt_train.data.tokenizer import SHIPPED_TOKENIZER_NAME
+from mpt_train.errors import run_cli
 
-__all__ = ["build_parser", "parse_args"]
+__all__ = ["build_parser", "main", "parse_args"]
 
 _EPILOG = """\
 examples:
@@ -142,3 +147,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[ConvertOptions, int]:
     except ValueError as err:
         build_parser().error(str(err))
     return opts, logging.DEBUG if args.verbose else logging.INFO
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (``mpt-convert``); see ``--help``. Returns the exit status:
+    0, 1 with one line naming the record, file or folder that stopped the conversion, 2 for
+    bad flags, 130 when interrupted."""
+    opts, log_level = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    def run() -> int:
+        print(convert_corpus(opts).to_json(), end="")
+        return 0
+
+    failures = (BadRecordError, ConvertError, OutputNotWritableError, FileNotFoundError)
+    return run_cli(run, failures=failures, log_level=log_level)

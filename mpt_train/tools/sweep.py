@@ -51,7 +51,6 @@ __all__ = [
     "Sweep",
     "launch_local",
     "load_sweep",
-    "main",
     "resolve",
     "slurm_script",
     "write_slurm",
@@ -331,49 +330,3 @@ def write_slurm(
     for path in scripts:
         subprocess.run([sbatch, str(path)], check=True)
     return scripts
-
-
-def _train_script(given: str) -> str:
-    """The entry point as given when it is there (the scripts ``cd`` to this directory), else
-    the checkout's own ``train.py`` by absolute path (a sweep started from elsewhere)."""
-    if Path(given).is_file():
-        return given
-    own = Path(__file__).resolve().parents[2] / "train.py"
-    if given == "train.py" and own.is_file():
-        return str(own)
-    raise ConfigError("--train-script", f"{given} not found (from {Path.cwd()})")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``scripts/sweep.py SWEEP.yaml [--launcher local|slurm] [--dry-run] [--collect]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="sweep.py", description=__doc__.split("\n")[0])
-    parser.add_argument("sweep", help="sweep YAML (base spec + grid and/or points)")
-    parser.add_argument("--launcher", choices=("local", "slurm"), default="local")
-    parser.add_argument("--dry-run", action="store_true", help="write specs/scripts, print, stop")
-    parser.add_argument("--collect", action="store_true", help="gather results of a run sweep")
-    parser.add_argument("--out-dir", default=None, help="default runs/sweeps/{name}")
-    parser.add_argument("--train-script", default="train.py", help="the entry composer runs")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        sweep = load_sweep(args.sweep, args.out_dir)
-        if args.collect:
-            from mpt_train.tools.sweep_report import collect
-
-            _, out = collect(sweep.out_dir)
-            print(out["md"].read_text(encoding="utf-8"))
-            print("\n".join(f"wrote {p}" for p in out.values()))
-            return 0
-        train_script = _train_script(args.train_script)
-        # The local launcher runs every point on this machine's `gpus` ranks.
-        points = resolve(sweep, None if args.launcher == "slurm" else sweep.gpus)
-        print(f"sweep {sweep.name}: {len(points)} points, specs in {sweep.out_dir / 'specs'}")
-        if args.launcher == "slurm":
-            write_slurm(sweep, points, train_script, dry_run=args.dry_run)
-            return 0
-        return launch_local(sweep, points, train_script, dry_run=args.dry_run)
-    except ConfigError as e:
-        print(f"error in sweep {args.sweep}: {e}", file=sys.stderr)
-        return 2

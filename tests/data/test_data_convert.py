@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import mpt_train.data.convert as convert_mod
+import mpt_train.data.convert_cli as convert_cli
 from mpt_train.data.convert import (
     ConvertError,
     ConvertOptions,
@@ -209,7 +210,7 @@ def test_inputs_text_folder_gz_and_datasets(tokenizer, tmp_path: Path) -> None:
 
 def test_cli_writes_stats_and_returns_zero(small_corpus, tmp_path: Path, capsys) -> None:
     path, _ = small_corpus
-    code = convert_mod.main(
+    code = convert_cli.main(
         [
             str(path),
             "--out",

@@ -70,7 +70,7 @@ def test_points_are_checked_on_the_ranks_they_will_run_on(
 ) -> None:
     """A batch that does not split across nodes x gpus fails before any script is queued (as
     train.py would refuse it once the job starts); a schedule warning names its point."""
-    from mpt_train.tools.sweep import main
+    from mpt_train.tools.sweep_cli import main
 
     grid = {"global_train_batch_size": [32, 250]}
     path = write_sweep(tmp_path, "/data/x", nodes=2, gpus=8, grid=grid)
@@ -92,7 +92,7 @@ def test_points_are_checked_on_the_ranks_they_will_run_on(
 
 
 def test_a_missing_sweep_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from mpt_train.tools.sweep import main
+    from mpt_train.tools.sweep_cli import main
 
     assert main([str(tmp_path / "nothere.yaml"), "--dry-run"]) == 2
     assert f"sweep file not found: {tmp_path / 'nothere.yaml'}" in capsys.readouterr().err
@@ -118,7 +118,7 @@ def test_a_multi_node_sweep_file_also_runs_with_the_local_launcher(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """The same file serves Slurm (2 nodes) and a local trial run: nodes is noted, not fatal."""
-    from mpt_train.tools.sweep import main
+    from mpt_train.tools.sweep_cli import main
 
     path = write_sweep(tmp_path, "/data/x", nodes=2, gpus=8, grid=WIDE)
     assert main([str(path), "--dry-run", "--out-dir", str(tmp_path / "out")]) == 0
@@ -277,7 +277,7 @@ def test_a_sweep_started_outside_the_checkout_runs_its_train_py(
 ) -> None:
     """The generated commands run from where sweep.py was started: from another directory
     they name the checkout's train.py by its absolute path instead of a missing ./train.py."""
-    from mpt_train.tools.sweep import main
+    from mpt_train.tools.sweep_cli import main
 
     path = write_sweep(tmp_path, "/data/x")
     monkeypatch.chdir(tmp_path)

@@ -147,7 +147,7 @@ def test_pretraining_token_counts_come_from_shapes_and_equal_the_counted_ones(
     """Composer asks for token counts before every microbatch: for text batches they must
     not read device memory (a device-to-host copy stalls the GPU), yet equal the real counts."""
     from mpt_train.data import TextLoaderConfig, build_text_dataloader
-    from mpt_train.train.builder import _pretrain_token_counts, _token_counts
+    from mpt_train.train.data import pretrain_token_counts, token_counts
 
     loader = TextLoaderConfig(num_workers=0)
     loader.dataset.local, loader.dataset.max_seq_len = str(mds_dir), 32
@@ -155,13 +155,13 @@ def test_pretraining_token_counts_come_from_shapes_and_equal_the_counted_ones(
     loader.dataset.eos_token_id = 0
     dl_seq = build_text_dataloader(loader, None, 3, emit_sequence_id=True)
     for batch in (next(iter(dl)), next(iter(dl_seq))):
-        assert _pretrain_token_counts(batch) == _token_counts(batch) == {
+        assert pretrain_token_counts(batch) == token_counts(batch) == {
             "total": 96, "loss_generating": 93,
         }  # fmt: skip
         meta = {k: torch.empty_like(v, device="meta") for k, v in batch.items()}
-        assert _pretrain_token_counts(meta) == _token_counts(batch)  # shapes only
+        assert pretrain_token_counts(meta) == token_counts(batch)  # shapes only
         with pytest.raises((RuntimeError, NotImplementedError)):
-            _token_counts(meta)  # the counting path does read the data
+            token_counts(meta)  # the counting path does read the data
 
 
 def test_flops_per_batch_is_the_same_on_every_call() -> None:

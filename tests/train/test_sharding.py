@@ -46,7 +46,7 @@ def test_one_rank_says_sharding_settings_do_nothing(
     monkeypatch.chdir(tmp_path)
     spec = tiny_spec(mds_dir, max_duration="1ba",
                      fsdp={"sharding_strategy": "SHARD_GRAD_OP", "mixed_precision": "PURE"})  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="mpt_train.train.builder"):
+    with caplog.at_level(logging.WARNING, logger="mpt_train.train.parallel"):
         train(load_config_dict(spec))
     [line] = [r.getMessage() for r in caplog.records if "have no effect" in r.getMessage()]
     assert "fsdp.mixed_precision=PURE" in line and "SHARD_GRAD_OP" in line
@@ -58,11 +58,11 @@ def test_hybrid_shard_that_cannot_run_is_refused_before_any_mesh(
 ) -> None:
     """HYBRID_SHARD needs whole nodes, and on CPU ranks one node (gloo cannot average the
     replicas): both are said at start, naming the key, not deep in the first backward."""
-    from mpt_train import trainer
     from mpt_train.config import ConfigError
+    from mpt_train.train import parallel
 
-    monkeypatch.setattr(trainer.dist, "get_world_size", lambda: world)
-    monkeypatch.setattr(trainer.dist, "get_local_world_size", lambda: local)
+    monkeypatch.setattr(parallel.dist, "get_world_size", lambda: world)
+    monkeypatch.setattr(parallel.dist, "get_local_world_size", lambda: local)
     cfg = load_config_dict(tiny_spec(mds_dir, fsdp={"sharding_strategy": "HYBRID_SHARD"}))
     with pytest.raises(ConfigError, match=rf"fsdp\.sharding_strategy.*{needs}"):
-        trainer._parallelism(cfg, "cpu")
+        parallel.parallelism_config(cfg, "cpu")
