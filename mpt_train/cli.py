@@ -53,17 +53,18 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _dry_run(cfg: RunConfig, world_size: int) -> int:
-    """Check the spec as training would, print it resolved (a spec that loads as it is)."""
+    """Refuse what training would refuse for the spec alone (before any process starts);
+    print the spec resolved, as a spec that loads as it is."""
     import yaml
 
     from mpt_train.config import redact, to_container
-    from mpt_train.config.schema import check_schedule
+    from mpt_train.config.checks import check_spec
     from mpt_train.config.validate import check_batch_split
 
     if world_size < 1:
         raise ConfigError("--world-size", f"got {world_size}, expected >= 1")
+    note = check_spec(cfg, world_size)  # every refusal training would make for the spec alone
     per_rank = check_batch_split(cfg, world_size)
-    note = check_schedule(cfg.scheduler, cfg.max_duration)
     if note:
         print(f"warning: {note}", file=sys.stderr)
     mb = cfg.device_train_microbatch_size

@@ -23,16 +23,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out", help="checkpoint file to write (.pt)")
     parser.add_argument("--attn-impl", default="sdpa", help="attention kernel for the model yaml")
     args = parser.parse_args(argv)
-    from mpt_train.cli import setup_logging
+    from mpt_train.errors import run_cli
+    from mpt_train.export import CheckpointError
 
-    setup_logging()
-    from mpt_train.export import CheckpointError, import_hf
+    return run_cli(
+        lambda: _run(args),
+        prefix=f"error: cannot import {args.hf_dir}",
+        bad_input=(CheckpointError, OSError, ValueError),
+    )
 
-    try:
-        out = import_hf(args.hf_dir, args.out, impl=args.attn_impl)
-    except (CheckpointError, OSError, ValueError) as err:
-        print(f"error: cannot import {args.hf_dir}: {err}", file=sys.stderr)
-        return 2
+
+def _run(args: argparse.Namespace) -> int:
+    from mpt_train.export import import_hf
+
+    out = import_hf(args.hf_dir, args.out, impl=args.attn_impl)
     print(
         f"wrote {out} and {out}.model.yaml (use load_path + load_weights_only: true; it holds "
         "only tensors, so it loads without reliability.trust_checkpoint)"

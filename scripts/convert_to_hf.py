@@ -38,26 +38,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="unpickle a checkpoint holding types outside the safe allow-list (runs its code)",
     )
     args = parser.parse_args(argv)
-    from mpt_train.cli import setup_logging
+    from mpt_train.errors import run_cli
+    from mpt_train.export import CheckpointError
 
-    setup_logging()
+    return run_cli(
+        lambda: _run(args),
+        prefix=f"error: cannot export {args.checkpoint}",
+        bad_input=(CheckpointError, ValueError),
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from mpt_train.export import CheckpointError, export_hf
+    from mpt_train.export import export_hf
 
-    try:
-        out = export_hf(
-            args.checkpoint,
-            args.out_dir,
-            spec_path=args.spec,
-            tokenizer=args.tokenizer,
-            max_seq_len=args.max_seq_len,
-            dtype=getattr(torch, DTYPES[args.dtype]),
-            trust=args.trust_checkpoint,
-        )
-    except (CheckpointError, ValueError) as err:
-        print(f"error: cannot export {args.checkpoint}: {err}", file=sys.stderr)
-        return 2
+    out = export_hf(
+        args.checkpoint,
+        args.out_dir,
+        spec_path=args.spec,
+        tokenizer=args.tokenizer,
+        max_seq_len=args.max_seq_len,
+        dtype=getattr(torch, DTYPES[args.dtype]),
+        trust=args.trust_checkpoint,
+    )
     print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 

@@ -24,21 +24,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as model=path")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_intermixed_args(argv)
-    from mpt_train.cli import setup_logging
-
-    setup_logging()
-    from mpt_train.errors import ConfigError
-    from mpt_train.eval import load_eval_spec, run_eval
+    from mpt_train.errors import run_cli
     from mpt_train.export import CheckpointError
 
-    try:
-        results = run_eval(load_eval_spec(args.spec, args.overrides))
-    except (ConfigError, CheckpointError) as err:
-        print(f"error in eval spec {args.spec}: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # data that cannot be evaluated as asked (names the file)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    # ValueError: data that cannot be evaluated as asked (the message names the file).
+    return run_cli(
+        lambda: _run(args),
+        prefix=f"error in eval spec {args.spec}",
+        bad_input=(CheckpointError, ValueError),
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mpt_train.eval import load_eval_spec, run_eval
+
+    results = run_eval(load_eval_spec(args.spec, args.overrides))
     for key, value in results.items():
         print(f"{key:40s} {value:.4f}" if isinstance(value, float) else f"{key:40s} {value}")
     if args.json:

@@ -57,26 +57,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     args = parser.parse_args(argv)
     prompts = read_prompts(args)
-    from mpt_train.cli import setup_logging
+    from mpt_train.errors import ConfigError, run_cli
+    from mpt_train.export import CheckpointError
 
-    setup_logging("WARNING")
+    def run() -> int:
+        import torch
+
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("--device", f"{args.device} but no CUDA device is visible")
+        _generate_all(args, prompts)
+        return 0
+
+    return run_cli(run, bad_input=(CheckpointError, ValueError), log_level="WARNING")
+
+
+def _generate_all(args: argparse.Namespace, prompts: list[str]) -> None:
     import torch
 
     from mpt_train.data import load_tokenizer
-    from mpt_train.export import CheckpointError, load_model
+    from mpt_train.export import load_model
     from mpt_train.model import generate
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"error: --device {args.device} but no CUDA device is visible", file=sys.stderr)
-        return 2
-    try:
-        model, tok_name = load_model(args.model, spec_path=args.spec, impl=args.attn_impl)
-        tokenizer = load_tokenizer(args.tokenizer or tok_name or "")
-    except (CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model, tok_name = load_model(args.model, spec_path=args.spec, impl=args.attn_impl)
+    tokenizer = load_tokenizer(args.tokenizer or tok_name or "")
     model = model.to(args.device)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
 
@@ -121,7 +126,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"total: {total_new} new tokens in {total_s:.3f} s: {rate:.1f} tokens/s (KV cache {cache})"
     )
-    return 0
 
 
 if __name__ == "__main__":

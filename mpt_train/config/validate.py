@@ -1,5 +1,7 @@
 """Checks that need the world outside the spec: ranks, files, buckets.
 
+The spec's own consistency is checked by :mod:`mpt_train.config.checks`.
+
 They run before any model is built, so a run that cannot succeed fails in seconds with the key
 to fix, not after minutes of model init on a cluster.
 """
@@ -27,8 +29,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_REMOTE_SCHEMES = ("s3://", "gs://", "oci://", "azure://", "hf://", "dbfs:/", "sftp://")
 
 
 def device_train_batch_size(cfg: RunConfig, world_size: int) -> int:
@@ -68,17 +68,18 @@ def valid_world_sizes(cfg: RunConfig, up_to: int) -> list[int]:
 
 
 def validate_run(cfg: RunConfig, world_size: int, *, probe_storage: bool = True) -> None:
-    """Everything a run needs from its environment, checked up front."""
+    """Everything a run needs from its environment (data folders, task files, checkpoint
+    paths, a writable save folder), checked up front. The spec's own consistency is
+    :func:`mpt_train.config.checks.check_spec`'s, run before this."""
     check_batch_split(cfg, world_size)
-    if cfg.train_loader is not None:
-        _check_loader("train_loader", cfg.train_loader, cfg, training=True)
-    if cfg.finetune_loader is not None:
-        _check_finetune(cfg)
-    loaders = dict(cfg.eval_loaders)
-    if cfg.eval_loader is not None:
-        _check_loader("eval_loader", cfg.eval_loader, cfg, training=False)
-    for label, loader in loaders.items():
-        _check_loader(f"eval_loaders.{label}", loader, cfg, training=False)
+    loaders = [("train_loader", cfg.train_loader), ("eval_loader", cfg.eval_loader)]
+    loaders += [(f"eval_loaders.{label}", lo) for label, lo in cfg.eval_loaders.items()]
+    for key, loader in loaders:
+        if loader is not None:
+            _check_local_data(key, loader)
+    if cfg.finetune_loader is not None and not Path(cfg.finetune_loader.dataset.path).is_file():
+        path = cfg.finetune_loader.dataset.path
+        raise ConfigError("finetune_loader.dataset.path", f"JSONL file not found: {path}")
     for i, task in enumerate(cfg.icl_tasks):
         try:
             task.resolved_path()
@@ -90,70 +91,25 @@ def validate_run(cfg: RunConfig, world_size: int, *, probe_storage: bool = True)
         check_save_folder(format_name_with_dist(cfg.save_folder, cfg.run_name or "run"))
 
 
-def _check_loader(key: str, loader: TextLoaderConfig, cfg: RunConfig, training: bool) -> None:
-    ds = loader.dataset
-    model_len = cfg.model.max_seq_len
-    if ds.max_seq_len > model_len and (training or cfg.model.learned_pos_emb):
-        why = "" if training else " (learned position embeddings cannot go past their table)"
-        raise ConfigError(
-            f"{key}.dataset.max_seq_len",
-            f"{ds.max_seq_len} is above the model's max_seq_len {model_len}{why}",
-        )
+def _check_local_data(key: str, loader: TextLoaderConfig) -> None:
+    """Local MDS folders exist and hold samples long enough for the loader."""
     if loader.name == "synthetic":
-        if not training and cfg.eval_subset_num_batches <= 0:
-            raise ConfigError(
-                f"{key}.name",
-                "a synthetic eval set never ends: set eval_subset_num_batches > 0 "
-                "(or use a real eval set)",
-            )
-        return  # no sources to check: ids are generated in the training process
-    if ds.streams:
-        for name, stream in ds.streams.items():
-            _check_source(
-                f"{key}.dataset.streams.{name}",
-                stream.remote,
-                stream.local,
-                stream.split if stream.split is not None else ds.split,
-                (f"{key}.dataset.max_seq_len", ds.max_seq_len),
-            )
-    else:
-        length = (f"{key}.dataset.max_seq_len", ds.max_seq_len)
-        _check_source(f"{key}.dataset", ds.remote, ds.local, ds.split, length)
-
-
-def _check_finetune(cfg: RunConfig) -> None:
-    ds = cfg.finetune_loader.dataset
-    if ds.max_seq_len > cfg.model.max_seq_len:
-        raise ConfigError(
-            "finetune_loader.dataset.max_seq_len",
-            f"{ds.max_seq_len} is above the model's max_seq_len {cfg.model.max_seq_len}",
-        )
-    if ds.packing and not cfg.model.attn_config.attn_uses_sequence_id:
-        raise ConfigError(
-            "finetune_loader.dataset.packing",
-            "packed examples would attend to each other: set "
-            "model.attn_config.attn_uses_sequence_id=true or packing=false",
-        )
-    if not Path(ds.path).is_file():
-        raise ConfigError("finetune_loader.dataset.path", f"JSONL file not found: {ds.path}")
-
-
-def _check_source(
-    key: str, remote: str | None, local: str | None, split: str | None, length: tuple[str, int]
-) -> None:
-    """``length``: the key and value of the tokens per sample the loader will ask for."""
-    if remote:
-        if "://" in remote and not remote.startswith(_REMOTE_SCHEMES):
-            raise ConfigError(
-                f"{key}.remote",
-                f"{remote!r}: unsupported scheme, expected one of {_REMOTE_SCHEMES}",
-            )
-        if "://" not in remote:
-            _check_local_index(f"{key}.remote", remote, split, length)
         return
-    if not local:
-        raise ConfigError(key, "set 'local' (an MDS folder) or 'remote' (a URL) for the data")
-    _check_local_index(f"{key}.local", local, split, length)
+    ds = loader.dataset
+    length = (f"{key}.dataset.max_seq_len", ds.max_seq_len)
+    sources = {
+        f"{key}.dataset.streams.{name}": (
+            s.remote,
+            s.local,
+            s.split if s.split is not None else ds.split,
+        )
+        for name, s in (ds.streams or {}).items()
+    } or {f"{key}.dataset": (ds.remote, ds.local, ds.split)}
+    for src_key, (remote, local, split) in sources.items():
+        if remote and "://" not in remote:
+            _check_local_index(f"{src_key}.remote", remote, split, length)
+        elif not remote and local:
+            _check_local_index(f"{src_key}.local", local, split, length)
 
 
 def _check_local_index(key: str, folder: str, split: str | None, length: tuple[str, int]) -> None:

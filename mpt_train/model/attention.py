@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 from typing import Any
 
 import torch
@@ -31,11 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mpt_train.errors import ConfigError
 from mpt_train.model.alibi import alibi_bias, alibi_slopes, fold_alibi
+from mpt_train.model.availability import check_attention_impl, flash_attn_2_missing
 from mpt_train.model.config import MPTConfig
-from mpt_train.model.cudnn_attention import cudnn_attend, cudnn_attention_missing
-from mpt_train.model.flex import BlockMask, flex_attend, flex_attention_available, flex_block_mask
+from mpt_train.model.cudnn_attention import cudnn_attend
+from mpt_train.model.flex import BlockMask, flex_attend, flex_block_mask
+from mpt_train.model.kernels import KERNELS, kernel
 from mpt_train.model.norm import build_norm
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "MPTAttention",
     "attend",
     "check_attention_impl",
+    "flash_attn_2_missing",
     "sdpa_mask",
     "shared_mask",
 ]
@@ -59,106 +60,6 @@ _SDPA_BACKENDS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
-
-
-def check_attention_impl(
-    impl: str,
-    sdpa_backends: tuple[str, ...] | list[str] = (),
-    flex_kernel_options: dict[str, Any] | None = None,
-) -> None:
-    """Fail at build time, not at the first step, when a kernel cannot run here."""
-    if impl == "sdpa" and torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed():
-        raise ConfigError(
-            "attn_config.impl",
-            "'sdpa' folds ALiBi into the heads, which needs SDPA to add up scores in fp32; "
-            "torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True) is set, which lets "
-            "its math kernel add them in bf16/fp16. Unset it or use impl flex/torch",
-        )
-    cpu_backends = {"flash", "math"}
-    if sdpa_backends and not cpu_backends & set(sdpa_backends) and not torch.cuda.is_available():
-        raise ConfigError(
-            "attn_config.sdpa_backends",
-            f"got {list(sdpa_backends)}, none of which runs without a CUDA GPU; "
-            "on CPU SDPA has flash and math",
-        )
-    if impl == "flex":
-        reason = flex_attention_available()
-        if reason is not None:
-            raise ConfigError("attn_config.impl", f"'flex' needs torch >= 2.5: {reason}")
-        _check_flex_backend((flex_kernel_options or {}).get("BACKEND"))
-    elif impl == "flash":
-        reason = flash_attn_2_missing()
-        if reason is not None:
-            raise ConfigError(
-                "attn_config.impl",
-                f"'flash' needs the flash-attn package: {reason}; install flash-attn>=2.4 on "
-                "a CUDA machine or use one of: torch, sdpa, flex",
-            )
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "attn_config.impl",
-                "'flash' needs a CUDA GPU and none is available; use one of: torch, sdpa, flex",
-            )
-    elif impl == "cudnn":
-        reason = cudnn_attention_missing()
-        if reason is not None:
-            raise ConfigError(
-                "attn_config.impl",
-                f"'cudnn' cannot run here: {reason}; pip install 'mpt-train[gpu]' on a CUDA "
-                "machine or use one of: torch, sdpa, flex",
-            )
-
-
-def _major_minor(version: str) -> tuple[int, int]:
-    """``"2.7.4.post1"`` -> ``(2, 7)``; ``(0, 0)`` when there is no such pair."""
-    parts = re.findall(r"\d+", version)[:2]
-    return (int(parts[0]), int(parts[1])) if len(parts) == 2 else (0, 0)
-
-
-def _torch_version() -> tuple[int, int]:
-    return _major_minor(torch.__version__)
-
-
-def _check_flex_backend(backend: Any) -> None:
-    """FlexAttention's ``BACKEND`` kernel option (torch 2.9+): ``FLASH`` runs the score_mod on
-    FlashAttention-4's CuTe kernels, which need the flash-attn-4 package and a Hopper or newer
-    GPU. Without these Inductor fails only when it compiles the first step."""
-    if backend is None:
-        return
-    key = "attn_config.flex_kernel_options"
-    if _torch_version() < (2, 9):
-        raise ConfigError(
-            key, f"BACKEND {backend!r} needs torch >= 2.9; this is torch {torch.__version__}"
-        )
-    if str(backend).upper() != "FLASH":
-        return
-    try:
-        import flash_attn.cute  # noqa: F401
-    except ImportError as err:
-        raise ConfigError(
-            key,
-            f"BACKEND 'FLASH' runs FlashAttention-4's kernels, which need the flash-attn-4 "
-            f"package ({err}); install it on a Hopper or newer GPU machine or drop BACKEND",
-        ) from None
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
-        raise ConfigError(key, "BACKEND 'FLASH' needs a Hopper or newer GPU (sm90+)")
-
-
-def flash_attn_2_missing() -> str | None:
-    """Why flash-attn's ``flash_attn_func`` with ``alibi_slopes`` (2.4+) cannot be used, or None.
-
-    Importing ``flash_attn`` is not enough: flash-attn 4 alone installs only ``flash_attn.cute``,
-    which makes ``flash_attn`` an importable namespace package without ``flash_attn_func``.
-    """
-    try:
-        import flash_attn
-        from flash_attn import flash_attn_func  # noqa: F401
-    except ImportError as err:
-        return f"flash_attn_func is not importable ({err})"
-    version = str(getattr(flash_attn, "__version__", ""))
-    if _major_minor(version) < (2, 4):
-        return f"flash-attn {version or '(no version)'} has no alibi_slopes, which came in 2.4"
-    return None
 
 
 def _repeat_kv(x_BGKD: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -316,6 +217,22 @@ def _flash_attend(
     return out_BQHD.transpose(1, 2)
 
 
+def _refuse_unsupported(impl: str, documents: bool, dropout: bool) -> None:
+    """Called directly (no config in between), a kernel refuses what it would drop silently."""
+    k = kernel(impl)
+    if (documents and not k.document_masking) or (dropout and not k.dropout):
+        lacks = [n for n, has in (("document masking", k.document_masking),
+                                  ("attention dropout", k.dropout)) if not has]  # fmt: skip
+        able = [n for n in KERNELS if all(getattr(KERNELS[n], f) for f in _FEATURES)]
+        raise ValueError(
+            f"impl {impl!r} has no {' or '.join(lacks)} (attn_config.attn_uses_sequence_id, "
+            f"attn_pdrop); use impl {'/'.join(able)}"
+        )
+
+
+_FEATURES = ("document_masking", "dropout")
+
+
 def attend(
     impl: str,
     q_BHQD: torch.Tensor,
@@ -337,17 +254,13 @@ def attend(
     otherwise). ``sdpa_backends`` are the SDPA kernels allowed (``AttentionConfig.sdpa_backends``).
     """
     n_heads, q_len, k_len = q_BHQD.shape[1], q_BHQD.shape[2], k_BGKD.shape[2]
+    _refuse_unsupported(impl, seq_id_BS is not None, dropout_p > 0)
     if impl == "flash":
         return _flash_attend(q_BHQD, k_BGKD, v_BGKD, slopes_H, softmax_scale, dropout_p)
-    if impl == "cudnn":
-        if seq_id_BS is not None or dropout_p > 0:
-            raise ValueError(
-                "impl 'cudnn' has no document masking or attention dropout "
-                "(attn_config.attn_uses_sequence_id, attn_pdrop); use impl torch/sdpa/flex"
-            )
-        # One query over one key (older cuDNN 9 refuses it causal) and fp32 take SDPA.
-        if q_len == k_len > 1 and q_BHQD.dtype in (torch.bfloat16, torch.float16):
-            return cudnn_attend(q_BHQD, k_BGKD, v_BGKD, slopes_H is not None, softmax_scale)
+    # cudnn: one query over one key (older cuDNN 9 refuses it causal) and fp32 take SDPA.
+    half = q_BHQD.dtype in (torch.bfloat16, torch.float16)
+    if impl == "cudnn" and q_len == k_len > 1 and half:
+        return cudnn_attend(q_BHQD, k_BGKD, v_BGKD, slopes_H is not None, softmax_scale)
     if impl == "flex" and q_len == k_len:
         return flex_attend(
             q_BHQD,

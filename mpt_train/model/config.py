@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mpt_train.errors import ConfigError, check_choice
+from mpt_train.model.kernels import KERNELS, kernel, kernels_with
 
 __all__ = [
     "ATTN_IMPLS",
@@ -28,7 +29,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ATTN_IMPLS = ("torch", "sdpa", "flex", "flash", "cudnn")
+ATTN_IMPLS = tuple(KERNELS)
 SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
 NORM_TYPES = ("low_precision_layernorm", "layernorm", "rmsnorm")
 INIT_DEVICES = ("cpu", "meta")
@@ -108,30 +109,33 @@ class AttentionConfig:
         if self.kv_n_heads is not None and self.kv_n_heads < 1:
             raise ConfigError("kv_n_heads", f"got {self.kv_n_heads}, must be >= 1 or null")
         _check_prob("attn_pdrop", self.attn_pdrop)
-        if self.impl == "flex" and self.attn_pdrop > 0:
+        self._check_kernel()
+
+    def _check_kernel(self) -> None:
+        """What the chosen kernel cannot do (:data:`mpt_train.model.kernels.KERNELS`)."""
+        k = kernel(self.impl)
+        if self.attn_pdrop > 0 and not k.dropout:
             raise ConfigError(
                 "attn_pdrop",
-                f"got {self.attn_pdrop}; impl 'flex' has no attention dropout, "
-                "use 0.0 or impl torch/sdpa/flash",
+                f"got {self.attn_pdrop}; impl {k.name!r} has no attention dropout, "
+                f"use 0.0 or impl {'/'.join(kernels_with('dropout'))}",
             )
-        if self.impl in ("flash", "cudnn") and self.attn_uses_sequence_id:
+        if self.attn_uses_sequence_id and not k.document_masking:
             raise ConfigError(
                 "attn_uses_sequence_id",
-                f"document masking is not implemented for impl {self.impl!r}; "
-                "allowed impls with attn_uses_sequence_id: torch, sdpa, flex",
+                f"document masking is not implemented for impl {k.name!r}; "
+                f"allowed impls with attn_uses_sequence_id: "
+                f"{', '.join(kernels_with('document_masking'))}",
             )
-        if self.impl == "cudnn" and self.attn_pdrop > 0:
-            raise ConfigError(
-                "attn_pdrop",
-                f"got {self.attn_pdrop}; impl 'cudnn' runs without attention dropout here, "
-                "use 0.0 or impl torch/sdpa/flash",
-            )
-        if self.impl == "cudnn" and self.alibi and self.alibi_bias_max != 8:
+        allowed = k.alibi_bias_max
+        if self.alibi and allowed is not None and self.alibi_bias_max not in allowed:
             # cuDNN computes the slopes itself (the ALiBi paper's): MPT's only for max 8.
             raise ConfigError(
                 "alibi_bias_max",
-                f"got {self.alibi_bias_max}; impl 'cudnn' applies the standard ALiBi slopes, "
-                "which are MPT's only for alibi_bias_max 8: use 8 or impl flex/sdpa",
+                f"got {self.alibi_bias_max}; impl {k.name!r} applies the standard ALiBi slopes, "
+                f"which are MPT's only for alibi_bias_max {'/'.join(map(str, allowed))}: use "
+                f"{'/'.join(map(str, allowed))} or impl "
+                f"{'/'.join(kernels_with('alibi_bias_max', None))}",
             )
 
 

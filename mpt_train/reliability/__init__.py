@@ -7,15 +7,13 @@ from typing import TYPE_CHECKING
 
 from mpt_train.reliability.checkpoints import (
     CheckpointIntegrity,
-    CheckpointLayoutError,
     CheckpointSaveError,
     CheckpointUploadError,
-    check_resume_layout,
-    prepare_resume,
 )
 from mpt_train.reliability.config import LossGuardConfig, ReliabilityConfig
 from mpt_train.reliability.guards import LossGuard, LossGuardStop
 from mpt_train.reliability.manifest import CheckpointCorruptError
+from mpt_train.reliability.resume import CheckpointLayoutError, check_resume_layout, prepare_resume
 from mpt_train.reliability.trust import (
     UntrustedCheckpointError,
     check_load_path_trusted,

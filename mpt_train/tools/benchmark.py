@@ -36,6 +36,7 @@ from mpt_train.callbacks.accounting import detect_gpu_type, get_gpu, hfu_from_mf
 from mpt_train.config import ConfigError, RunConfig, load_config
 from mpt_train.config.schema import train_seq_len
 from mpt_train.data.config import TextLoaderConfig
+from mpt_train.errors import run_cli
 from mpt_train.tools.idle_gaps import format_gaps, gaps_from_profile, is_annotation
 
 __all__ = ["BenchmarkRow", "StepProfiler", "StepTimer", "format_row", "main", "run_benchmark"]
@@ -356,20 +357,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="read the spec's train_loader instead of synthetic batches of the same shape",
     )
     args = parser.parse_intermixed_args(argv)
-    from mpt_train.cli import setup_logging
+    return run_cli(lambda: _run(args), prefix=f"error in run spec {args.spec}")
 
-    setup_logging()
+
+def _run(args: argparse.Namespace) -> int:
     profiler = StepProfiler(0, args.profile) if args.profile else None
-    try:
-        cfg = load_config(args.spec, args.overrides)
-        row = run_benchmark(
-            cfg, steps=args.steps, warmup=args.warmup, peak_flops=args.peak_flops,
-            gpu_type=args.gpu, name=args.name or Path(args.spec).stem, synthetic=not args.real_data,
-            profiler=profiler,
-        )  # fmt: skip
-    except ConfigError as e:
-        print(f"error in run spec {args.spec}: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.spec, args.overrides)
+    row = run_benchmark(
+        cfg, steps=args.steps, warmup=args.warmup, peak_flops=args.peak_flops,
+        gpu_type=args.gpu, name=args.name or Path(args.spec).stem, synthetic=not args.real_data,
+        profiler=profiler,
+    )  # fmt: skip
     if dist.get_global_rank() == 0:
         if profiler is not None:
             print(profiler.summary(), flush=True)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mpt_train.errors import ConfigError
+from mpt_train.errors import ConfigError, run_cli
 from mpt_train.tools.benchmark import COLUMNS, BenchmarkRow, format_row
 
 __all__ = ["TableRow", "TableSpec", "load_table", "main", "run_table"]
@@ -255,20 +255,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmarks/results), with this machine's GPU and software stack",
     )
     args = parser.parse_args(argv)
-    from mpt_train.cli import setup_logging
+    return run_cli(lambda: _run(args), prefix=f"error in table {args.table}")
 
-    setup_logging()
-    try:
-        table = load_table(args.table)
-    except ConfigError as e:
-        print(f"error in table {args.table}: {e}", file=sys.stderr)
-        return 2
+
+def _run(args: argparse.Namespace) -> int:
+    table = load_table(args.table)
     if args.only is not None:
         names = [r.name or Path(r.spec).stem for r in table.rows]
         unknown = sorted(set(args.only) - set(names))
         if unknown:
-            print(f"error: --only {unknown} not in {args.table} (rows: {names})", file=sys.stderr)
-            return 2
+            raise ConfigError("--only", f"{unknown} not in {args.table} (rows: {names})")
         by_name = dict(zip(names, table.rows))
         table.rows = [by_name[n] for n in dict.fromkeys(args.only)]
     table_dir = root = Path(args.table).resolve().parent

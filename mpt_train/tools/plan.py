@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -30,9 +29,10 @@ from mpt_train.callbacks.accounting import (
     shape_model,
 )
 from mpt_train.config import RunConfig, load_config
+from mpt_train.config.checks import check_spec
 from mpt_train.config.schema import train_seq_len
 from mpt_train.config.validate import check_batch_split, valid_world_sizes
-from mpt_train.errors import ConfigError
+from mpt_train.errors import ConfigError, run_cli
 
 __all__ = [
     "MPT_7B_PUBLISHED",
@@ -127,6 +127,9 @@ def make_plan(
         raise ConfigError("deadline_days", f"got {deadline_days}, expected > 0")
     spec = get_gpu(gpu, "gpu")
     _check_gpus(cfg, gpus)
+    # What training would refuse; not the LR schedule, which a plan at another length
+    # (max_duration=1e9tok) need not match.
+    check_spec(cfg, gpus, schedule=False)
     seq_len = train_seq_len(cfg)
     tokens = duration_tokens(cfg.max_duration, cfg.global_train_batch_size, seq_len)
     fpt = flops_per_token(cfg.model, seq_len)
@@ -281,21 +284,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.add_argument("--json", action="store_true", help="one JSON object")
     out.add_argument("--markdown", action="store_true", help="a README table row")
     args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.spec, args.overrides)
-        plan = make_plan(
-            cfg,
-            gpus=args.gpus,
-            gpu=args.gpu,
-            mfu=args.mfu,
-            price=args.price,
-            deadline_days=args.deadline_days,
-            gpus_per_node=args.gpus_per_node,
-            spec_name=args.spec,
-        )
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    plan = make_plan(
+        load_config(args.spec, args.overrides),
+        gpus=args.gpus,
+        gpu=args.gpu,
+        mfu=args.mfu,
+        price=args.price,
+        deadline_days=args.deadline_days,
+        gpus_per_node=args.gpus_per_node,
+        spec_name=args.spec,
+    )
     if args.json:
         print(json.dumps({**asdict(plan), "cost_usd": round(plan.cost_usd, 2)}))
     elif args.markdown:

@@ -13,10 +13,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mpt_train.cli import setup_logging
-from mpt_train.config import ConfigError, load_config
+from composer import Trainer
+
+from mpt_train.config import RunConfig, load_config
 from mpt_train.data import SHIPPED_CORPUS
 from mpt_train.data.convert import ConvertOptions, convert_corpus
+from mpt_train.errors import run_cli
 from mpt_train.loggers.jsonl import read_metrics
 from mpt_train.train.builder import train
 
@@ -30,12 +32,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("spec", nargs="?", default="yamls/quickstart.yaml")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
-    setup_logging()
-    try:
-        cfg = load_config(args.spec, args.overrides)
-    except ConfigError as e:
-        print(f"error in run spec {args.spec}: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _run(args), prefix=f"error in run spec {args.spec}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.spec, args.overrides)
     t0 = time.monotonic()
     data = Path(cfg.train_loader.dataset.local or "data/quickstart")
     # stats.json is written last, once every split is complete.
@@ -52,7 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     t_data = time.monotonic() - t0
     trainer = train(cfg)
-    wall = time.monotonic() - t0
+    _summary(cfg, trainer, data, time.monotonic() - t0, t_data)
+    return 0
+
+
+def _summary(cfg: RunConfig, trainer: Trainer, data: Path, wall: float, t_data: float) -> None:
+    """What the run did and where its outputs are."""
     run_name = trainer.state.run_name  # generated when the spec names none
     metrics = Path(cfg.loggers.jsonl.path.format(run_name=run_name)) if cfg.loggers.jsonl else None
     rows = read_metrics(metrics) if metrics and metrics.is_file() else []
@@ -75,7 +81,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"  metrics        {metrics}")
     print(f"  spec           runs/{run_name}/config.yaml")
-    return 0
 
 
 if __name__ == "__main__":

@@ -42,8 +42,8 @@ from typing import Any
 import yaml
 
 from mpt_train.config import load_config, to_container
-from mpt_train.config.schema import check_schedule, train_seq_len
-from mpt_train.config.validate import check_batch_split
+from mpt_train.config.checks import check_spec
+from mpt_train.config.schema import train_seq_len
 from mpt_train.errors import ConfigError
 
 __all__ = [
@@ -187,8 +187,7 @@ def resolve(sweep: Sweep, world_size: int | None = None) -> list[Point]:
         dotlist = [*sweep.overrides, *(f"{k}={_dotlist_value(v)}" for k, v in over.items())]
         try:
             cfg = load_config(sweep.base, [*dotlist, f"run_name={run_name}"])
-            warning = check_schedule(cfg.scheduler, cfg.max_duration)
-            check_batch_split(cfg, world)
+            warning = check_spec(cfg, world)  # what train.py would refuse on `world` ranks
         except ConfigError as e:
             raise ConfigError(e.key, f"sweep point {i} {over}: {e.msg}") from None
         if warning:

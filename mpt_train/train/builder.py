@@ -26,12 +26,12 @@ from composer.core.algorithm import Algorithm
 from composer.utils import dist, reproducibility
 
 from mpt_train.config import RunConfig, redact, to_container
-from mpt_train.config.schema import CUDA_GRAPH_MODES, check_schedule
+from mpt_train.config.checks import check_spec, resolve_precision
 from mpt_train.config.validate import device_train_batch_size, validate_run
 from mpt_train.errors import ConfigError
 from mpt_train.eval.callback import ICLEvalCallback
 from mpt_train.eval.icl import for_model
-from mpt_train.model import MPTBlock, build_model, init_weights
+from mpt_train.model import MPTBlock, build_model, check_attention_impl, init_weights
 from mpt_train.reliability import (
     check_load_path_trusted,
     check_resume_layout,
@@ -47,7 +47,15 @@ from mpt_train.train.optim import build_optimizer, build_scheduler
 from mpt_train.train.parallel import apply_unsharded_settings, parallelism_config
 from mpt_train.train.trainer import MPTTrainer
 
-__all__ = ["RunPlan", "build_trainer", "check_run", "is_finished", "resolve_run_name", "train"]
+__all__ = [
+    "RunPlan",
+    "build_trainer",
+    "check_machine",
+    "check_run",
+    "is_finished",
+    "resolve_run_name",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
@@ -89,67 +97,42 @@ def _device(cfg: RunConfig) -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
-def _precision(cfg: RunConfig, device: str) -> str:
-    if cfg.precision == "auto":
-        return "amp_bf16" if device == "gpu" else "fp32"
-    if device == "cpu" and cfg.precision != "fp32":
-        raise ConfigError("precision", f"{cfg.precision!r} needs a GPU; use 'fp32' on CPU")
-    return cfg.precision
-
-
-def _check_kernels(cfg: RunConfig, device: str, precision: str) -> None:
-    impl = cfg.model.attn_config.impl
-    c = cfg.compile
-    if impl == "cudnn" and c.enabled and c.mode in CUDA_GRAPH_MODES:
-        # cuDNN's frontend copies the ALiBi slopes from host memory at each call: not capturable.
-        raise ConfigError(
-            "compile.mode",
-            f"{c.mode!r} captures CUDA graphs, which impl 'cudnn' cannot run inside; "
-            "use compile.mode default or max-autotune-no-cudagraphs",
-        )
-    if impl in ("flash", "cudnn") and precision == "fp32":
-        raise ConfigError(
-            "model.attn_config.impl",
-            f"{impl!r} needs bf16/fp16 activations; use precision amp_bf16",
-        )
-    if device == "cpu" and c.enabled and c.backend == "inductor" and impl == "flex":
-        raise ConfigError(
-            "compile.enabled",
-            "compiled FlexAttention needs CUDA (Inductor cannot compile its backward on CPU); "
-            "on CPU set compile.enabled=false or model.attn_config.impl=sdpa",
-        )
-    if cfg.device_train_microbatch_size == "auto" and device != "gpu":
-        raise ConfigError("device_train_microbatch_size", "'auto' needs a GPU; give an int on CPU")
-
-
 def _autoresume(cfg: RunConfig, fixed_name: bool) -> bool:
-    autoresume = cfg.autoresume
-    if autoresume is None:
-        autoresume = bool(cfg.save_folder) and fixed_name
-    if autoresume and not (cfg.save_folder and fixed_name):
-        raise ConfigError("autoresume", "needs save_folder and a fixed run_name (or $RUN_NAME)")
-    return autoresume
+    """The spec's choice, or on whenever there is a save folder and a fixed name to find."""
+    if cfg.autoresume is None:
+        return bool(cfg.save_folder) and fixed_name
+    return cfg.autoresume
+
+
+def check_machine(cfg: RunConfig) -> None:
+    """Whether this machine has what the spec's attention kernel needs (GPU, packages)."""
+    acfg = cfg.model.attn_config
+    try:
+        check_attention_impl(acfg.impl, acfg.sdpa_backends, acfg.flex_kernel_options)
+    except ConfigError as err:
+        raise err.with_prefix("model") from None
 
 
 def check_run(cfg: RunConfig) -> RunPlan:
-    """Step 1: check the run against this machine and the world; nothing is built yet."""
-    device = _device(cfg)
+    """Step 1: check the spec, then the run against this machine and the world; nothing is
+    built yet and, for a spec-only reason, not even a process group exists."""
+    device = _device(cfg)  # the GPU asked for is visible
+    world = dist.get_world_size()  # from the launcher's environment, before any process group
+    schedule_note = check_spec(cfg, world, device)
+    precision = resolve_precision(cfg, device)
+    check_machine(cfg)
     # botocore's default (3 tries in ~2 s) turns a short S3 hiccup into a failed run; set the
     # retry budget before anything (write probe, dataset index) talks to a bucket.
     os.environ.setdefault("AWS_MAX_ATTEMPTS", str(cfg.reliability.s3_max_attempts))
     dist.initialize_dist(device, timeout=cfg.dist_timeout)
     run_name, fixed_name = resolve_run_name(cfg)
     cfg = replace(cfg, run_name=run_name)
-    world = dist.get_world_size()
-    precision = _precision(cfg, device)
-    _check_kernels(cfg, device, precision)
     validate_run(cfg, world)
     algorithms, callbacks = [], []
     if cfg.gradient_clipping is not None:
         algorithms, callbacks = build_gradient_clipping(
             cfg.gradient_clipping, cfg.optimizer, device == "gpu", precision
         )
-    schedule_note = check_schedule(cfg.scheduler, cfg.max_duration)
     if schedule_note and dist.get_global_rank() == 0:
         log.warning(schedule_note)
     per_rank = device_train_batch_size(cfg, world)

@@ -29,30 +29,12 @@ from composer.loggers import Logger
 from composer.utils import ensure_tuple
 from torch.distributed.tensor import DTensor
 
+from mpt_train.config.checks import why_not_fused
 from mpt_train.config.schema import GradientClippingConfig, OptimizerConfig
 from mpt_train.errors import ConfigError
 from mpt_train.train.host_reads import read_later
-from mpt_train.train.optim import adamw_kernel
 
 __all__ = ["FusedNormClipping", "build_gradient_clipping", "fold_norm_clip", "why_not_fused"]
-
-
-def why_not_fused(
-    cfg: GradientClippingConfig, optimizer: OptimizerConfig, on_gpu: bool, precision: str
-) -> str:
-    """Why clipping cannot be folded into the optimizer's step, or '' when it can."""
-    if cfg.clipping_type != "norm":
-        return f"clipping_type {cfg.clipping_type!r} is not a norm clip"
-    kernel = adamw_kernel(optimizer, on_gpu)
-    if kernel != "fused":
-        return (
-            f"optimizer {optimizer.name!r} runs on the {kernel or 'Lion'} kernel, which has no "
-            "grad_scale input: needs torch's fused AdamW (optimizer.implementation fused, or "
-            "auto on a GPU)"
-        )
-    if precision == "amp_fp16":
-        return "precision amp_fp16: the fp16 loss scaler owns the optimizer's grad_scale"
-    return ""
 
 
 def build_gradient_clipping(

@@ -19,6 +19,7 @@ from composer.optim import (
 )
 from composer.optim.scheduler import ComposerScheduler
 
+from mpt_train.config.checks import adamw_kernel
 from mpt_train.config.schema import OptimizerConfig, SchedulerConfig
 from mpt_train.train.lion import DecoupledLionW
 
@@ -54,15 +55,6 @@ def param_groups(model: torch.nn.Module, cfg: OptimizerConfig) -> list[dict]:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
-
-
-def adamw_kernel(cfg: OptimizerConfig, on_gpu: bool) -> str | None:
-    """What runs the AdamW update: 'fused', 'foreach' or 'composer'; None for Lion."""
-    if cfg.name == "decoupled_lionw":
-        return None
-    if cfg.implementation == "auto":
-        return "fused" if on_gpu else "foreach"
-    return cfg.implementation
 
 
 def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mpt_train.config import ConfigError, load_config_dict
+from mpt_train.config.checks import check_spec
 from mpt_train.config.validate import validate_run
 from tests.helpers import REPO
 
@@ -32,7 +33,10 @@ def data(tmp_path: Path) -> Path:
 
 
 def check(s: dict, world: int = 1) -> None:
-    validate_run(load_config_dict(s), world)
+    """As training checks: the spec alone, then the world."""
+    cfg = load_config_dict(s)
+    check_spec(cfg, world)
+    validate_run(cfg, world)
 
 
 def test_valid_spec_passes(data: Path) -> None:

@@ -104,7 +104,7 @@ def test_trains_with_no_data_and_no_reachable_tokenizer(
 
 
 def test_a_synthetic_eval_set_needs_a_batch_limit() -> None:
-    from mpt_train.config.validate import validate_run
+    from mpt_train.config.checks import check_spec
 
     spec = {
         "model": {"d_model": 32, "n_heads": 2, "n_layers": 1, "max_seq_len": 32,
@@ -115,5 +115,5 @@ def test_a_synthetic_eval_set_needs_a_batch_limit() -> None:
         "global_train_batch_size": 4,
     }  # fmt: skip
     with pytest.raises(ConfigError, match=r"eval_loader\.name: a synthetic eval set never ends"):
-        validate_run(load_config_dict(spec), 1, probe_storage=False)
-    validate_run(load_config_dict({**spec, "eval_subset_num_batches": 2}), 1, probe_storage=False)
+        check_spec(load_config_dict(spec))
+    check_spec(load_config_dict({**spec, "eval_subset_num_batches": 2}))

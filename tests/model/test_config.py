@@ -166,15 +166,15 @@ def test_flash_attn_before_2_4_is_refused(fake_flash_attn) -> None:
 def test_flex_backend_is_checked_at_build(monkeypatch, fake_flash_attn) -> None:
     """FlexAttention's BACKEND option needs torch >= 2.9, and FLASH needs flash-attn 4 and a
     Hopper GPU: each is refused at build, naming the key, not at the first compiled step."""
-    import mpt_train.model.attention as attention
+    import mpt_train.model.availability as availability
 
     cfg = tiny_config(attn={"impl": "flex", "flex_kernel_options": {"BACKEND": "FLASH"}})
-    monkeypatch.setattr(attention, "_torch_version", lambda: (2, 7))
+    monkeypatch.setattr(availability, "_torch_version", lambda: (2, 7))
     with pytest.raises(ConfigError, match=r"BACKEND 'FLASH' needs torch >= 2\.9") as info:
         build_model(cfg)
     assert info.value.key == "attn_config.flex_kernel_options"
 
-    monkeypatch.setattr(attention, "_torch_version", lambda: (2, 11))
+    monkeypatch.setattr(availability, "_torch_version", lambda: (2, 11))
     fake_flash_attn('__version__ = "2.7.4"\n')  # flash-attn 2 alone: no flash_attn.cute kernels
     shutil.rmtree(Path(sys.path[0]) / "flash_attn" / "cute")
     with pytest.raises(ConfigError, match="need the flash-attn-4 package"):

@@ -37,7 +37,7 @@ def test_cudnn_slopes_differ_from_mpts_at_other_alibi_bias_max() -> None:
 @pytest.mark.parametrize(
     ("attn", "key", "hint"),
     [
-        ({"alibi_bias_max": 16}, "alibi_bias_max", "use 8 or impl flex/sdpa"),
+        ({"alibi_bias_max": 16}, "alibi_bias_max", "use 8 or impl torch/sdpa/flex/flash"),
         ({"attn_uses_sequence_id": True}, "attn_uses_sequence_id", "torch, sdpa, flex"),
         ({"attn_pdrop": 0.1}, "attn_pdrop", "use 0.0"),
     ],

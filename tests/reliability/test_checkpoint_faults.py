@@ -258,8 +258,8 @@ def test_unreadable_shard_is_reported_like_corruption_not_raised_past_the_collec
     import errno
 
     import mpt_train.reliability.manifest as manifest_mod
-    from mpt_train.reliability.checkpoints import choose_local_checkpoint
     from mpt_train.reliability.manifest import describe_files, new_manifest, write_manifest
+    from mpt_train.reliability.resume import choose_local_checkpoint
 
     for batch in (2, 4):
         name = CKPT.format(batch)
