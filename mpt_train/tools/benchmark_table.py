@@ -255,10 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmarks/results), with this machine's GPU and software stack",
     )
     args = parser.parse_args(argv)
-    return run_cli(lambda: _run(args), prefix=f"error in table {args.table}")
+    return run_cli(lambda: _run(args, argv), prefix=f"error in table {args.table}")
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     table = load_table(args.table)
     if args.only is not None:
         names = [r.name or Path(r.spec).stem for r in table.rows]

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mpt_train.config.reference import render_reference
+from mpt_train.model.kernels import markdown_table as render_kernels
 from mpt_train.tools.records import render_attention, render_headline, render_table
 
 __all__ = ["BLOCKS", "HEADLINE", "REPO", "blocks_in", "main", "pages", "refresh"]
@@ -32,6 +33,7 @@ HEADLINE = {
 
 BLOCKS: dict[str, Callable[[], str]] = {
     "spec-reference": render_reference,
+    "attention-kernels": render_kernels,
     "h100-headline": lambda: render_headline("h100", HEADLINE),
     "h100-table": lambda: render_table("h100"),
     "h100-attention": lambda: render_attention("h100"),

@@ -12,7 +12,7 @@ from tests.helpers import REPO
 
 def test_the_docs_page_shows_the_generated_table() -> None:
     page = (REPO / "docs" / "attention.md").read_text(encoding="utf-8")
-    assert markdown_table() in page, "regenerate: python -m mpt_train.model.kernels"
+    assert markdown_table() in page, "run make docs"
     for k in KERNELS.values():
         assert f"| `{k.name}` | {k.summary} |" in page
 
