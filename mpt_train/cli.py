@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from mpt_train.errors import ConfigError, run_cli, setup_logging
+from mpt_train.errors import ConfigError, RunInterrupted, run_cli, setup_logging
 
 __all__ = ["main", "setup_logging"]
 
 if TYPE_CHECKING:
     from mpt_train.config import RunConfig
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,7 +53,14 @@ def _run(args: argparse.Namespace) -> int:
         return _dry_run(cfg, args.world_size)
     from mpt_train.train.builder import train
 
-    train(cfg)
+    # A scheduler's SIGTERM (preemption, scancel) stops the run like Ctrl-C: one line saying
+    # where it stopped and what the same command does next.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        train(cfg)
+    except RunInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -11,7 +11,14 @@ import os
 import sys
 from collections.abc import Callable
 
-__all__ = ["ConfigError", "RunFailure", "check_choice", "run_cli", "setup_logging"]
+__all__ = [
+    "ConfigError",
+    "RunFailure",
+    "RunInterrupted",
+    "check_choice",
+    "run_cli",
+    "setup_logging",
+]
 
 
 class ConfigError(ValueError):
@@ -42,6 +49,11 @@ class RunFailure(RuntimeError):
     The command line prints it as one line instead of a traceback: the operator needs the
     checkpoint that is corrupt or the bucket that is unreachable, not Composer's call stack.
     """
+
+
+class RunInterrupted(RunFailure):
+    """A run stopped by Ctrl-C or a scheduler's SIGTERM; the message says where it stopped and
+    how it resumes."""
 
 
 def setup_logging(level: str | int | None = None) -> None:

@@ -37,6 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="unpickle a checkpoint holding types outside the safe allow-list (runs its code)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="export into a folder that holds other files (same-named files are replaced)",
+    )
     args = parser.parse_args(argv)
     from mpt_train.errors import run_cli
     from mpt_train.export import CheckpointError
@@ -44,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(
         lambda: _run(args),
         prefix=f"error: cannot export {args.checkpoint}",
-        bad_input=(CheckpointError, ValueError),
+        bad_input=(CheckpointError, ValueError, OSError),
     )
 
 
@@ -61,6 +66,7 @@ def _run(args: argparse.Namespace) -> int:
         max_seq_len=args.max_seq_len,
         dtype=getattr(torch, DTYPES[args.dtype]),
         trust=args.trust_checkpoint,
+        overwrite=args.overwrite,
     )
     print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0

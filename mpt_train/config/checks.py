@@ -86,9 +86,12 @@ def _check_kernel(cfg: RunConfig, device: str | None, precision: str | None) -> 
             "use compile.mode default or max-autotune-no-cudagraphs",
         )
     if precision == "fp32" and not k.fp32:
+        # Advice that works here: a CPU has no bf16 precision on offer, only other kernels.
+        fix = "use precision amp_bf16"
+        if device == "cpu":
+            fix = f"on CPU use one of: {', '.join(kernels_with('devices', ('cpu', 'gpu')))}"
         raise ConfigError(
-            "model.attn_config.impl",
-            f"{k.name!r} needs bf16/fp16 activations; use precision amp_bf16",
+            "model.attn_config.impl", f"{k.name!r} needs bf16/fp16 activations; {fix}"
         )
     if device != "cpu":
         return

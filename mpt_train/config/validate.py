@@ -118,6 +118,15 @@ def _check_local_index(key: str, folder: str, split: str | None, length: tuple[s
         raise ConfigError(
             key, f"no MDS dataset at {root} (index.json missing); run scripts/data_prep/convert.py"
         )
+    samples = _sample_count(root / "index.json")
+    if samples == 0:
+        raise ConfigError(
+            key,
+            f"the split at {root} holds no samples (its index.json lists none): the corpus had "
+            "no text, or too little for one sample; convert more text or a lower --concat-tokens",
+        )
+    if samples is None:
+        raise ConfigError(key, f"{root / 'index.json'} is not a readable MDS index")
     len_key, seq_len = length
     stored = _sample_tokens(root / "index.json")
     if stored is not None and stored < seq_len:
@@ -126,6 +135,15 @@ def _check_local_index(key: str, folder: str, split: str | None, length: tuple[s
             f"{seq_len} is longer than the {stored}-token samples of {root}: convert with "
             f"--concat-tokens >= {seq_len}, or train at max_seq_len <= {stored}",
         )
+
+
+def _sample_count(index: Path) -> int | None:
+    """Samples listed by an MDS index; None when it cannot be read as one."""
+    try:
+        shards = json.loads(index.read_text(encoding="utf-8"))["shards"]
+        return sum(int(s["samples"]) for s in shards)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _sample_tokens(index: Path) -> int | None:

@@ -279,6 +279,7 @@ def convert_corpus(opts: ConvertOptions) -> ConvertStats:
         columns = {"tokens": f"ndarray:{dtype.name}:{opts.concat_tokens}"}
         workers = opts.workers or default_workers()
         markers += _run_parts(out, opts, sources, packers, columns, workers, len(markers))
+        _check_not_empty(opts, markers)
         result = publish(out, opts.splits, markers, meta)
     finally:
         out.close()
@@ -290,6 +291,30 @@ def convert_corpus(opts: ConvertOptions) -> ConvertStats:
         ),
     )
     return result
+
+
+def _check_not_empty(opts: ConvertOptions, markers: list[dict[str, Any]]) -> None:
+    """A conversion that yields no document, or a split with no sample, is a failure: training
+    on it could only fail later, far from the cause."""
+    inputs = ", ".join(opts.inputs)
+    records = sum(m["records"] for m in markers)
+    empty = sum(m["empty_documents"] for m in markers)
+    skipped = sum(m["skipped_records"] for m in markers)
+    docs = {s: sum(m["splits"][s]["documents"] for m in markers) for s in opts.splits}
+    if not sum(docs.values()):
+        raise ConvertError(
+            f"no document in {inputs}: {records} record(s) read, {empty} with empty text, "
+            f"{skipped} skipped as malformed (is --text-field {opts.text_field!r} right?)"
+        )
+    for split in opts.splits:
+        samples = sum(m["splits"][split].get("samples", 0) for m in markers)
+        if samples == 0:
+            tokens = sum(m["splits"][split]["input_tokens"] for m in markers)
+            raise ConvertError(
+                f"no sample for split {split!r} from {inputs}: {docs[split]} document(s), "
+                f"{tokens} token(s), fewer than one sample of --concat-tokens "
+                f"{opts.concat_tokens}; give more text or a lower --concat-tokens"
+            )
 
 
 def _run_parts(

@@ -15,7 +15,7 @@ from mpt_train.data.convert import ConvertError, ConvertOptions, convert_corpus
 from mpt_train.data.sources import BadRecordError
 from mpt_train.data.storage import OutputNotWritableError
 from mpt_train.data.tokenizer import SHIPPED_TOKENIZER_NAME
-from mpt_train.errors import run_cli
+from mpt_train.errors import ConfigError, run_cli
 
 __all__ = ["build_parser", "main", "parse_args"]
 
@@ -157,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     def run() -> int:
-        print(convert_corpus(opts).to_json(), end="")
+        try:
+            stats = convert_corpus(opts)
+        except ConfigError as err:  # the tokenizer's: name the flag that holds it
+            raise (ConfigError("--tokenizer", err.msg) if err.key == "name" else err) from None
+        print(stats.to_json(), end="")
         return 0
 
     failures = (BadRecordError, ConvertError, OutputNotWritableError, FileNotFoundError)

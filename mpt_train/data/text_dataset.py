@@ -23,10 +23,13 @@ and the local shard cache. What this class adds:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import struct
 from collections.abc import Iterator
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +39,7 @@ from streaming.base.dataset import _ShardState
 
 from mpt_train.errors import RunFailure
 
-__all__ = ["DataReadError", "StreamingTextDataset", "sequence_ids"]
+__all__ = ["DataReadError", "StreamingTextDataset", "check_local_shards", "sequence_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,75 @@ def _file_location(remote: str | None, local: str | None, split: str | None, nam
     if remote:
         return "/".join([remote.rstrip("/"), *parts])
     return os.path.join(local or "", *parts)
+
+
+def _local_folders(kwargs: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """(local folder, split) of every stream that has its index on this machine."""
+    streams = kwargs.get("streams") or []
+    pairs = [(s.local, s.split or kwargs.get("split")) for s in streams] or [
+        (kwargs.get("local"), kwargs.get("split"))
+    ]
+    return [
+        (lo, sp)
+        for lo, sp in pairs
+        if lo and os.path.isfile(_file_location(None, lo, sp, "index.json"))
+    ]
+
+
+def _header_problem(path: str, samples: int, size: int) -> str | None:
+    """Why an MDS shard file's header or size is not what its index says, or None.
+
+    An MDS shard starts with its sample count and ``samples + 1`` sample offsets, the last of
+    which is the file's size: reading them costs a few bytes and finds truncation and most
+    header damage before a sample read fails with an index error.
+    """
+    actual = os.path.getsize(path)
+    if actual != size:
+        return f"{actual} bytes, its index says {size}"
+    with open(path, "rb") as f:
+        head = f.read(4 * (samples + 2))
+    if len(head) < 4 * (samples + 2):
+        return "shorter than its header"
+    count = int.from_bytes(head[:4], "little")
+    offsets = np.frombuffer(head[4:], np.uint32).astype(np.int64)
+    # After the offsets comes the shard's JSON config, then the samples, to the end of the file.
+    ordered = offsets[0] >= len(head) and bool((np.diff(offsets) >= 0).all())
+    if count != samples or offsets[-1] != size or not ordered:
+        return f"damaged header (sample count {count}, index says {samples})"
+    return None
+
+
+def check_local_shards(local: str, split: str | None) -> None:
+    """Check the shard files present in a local dataset folder against its index.
+
+    A damaged decompressed copy of a compressed shard is removed (streaming then rebuilds it
+    from the compressed shard, whose hash it checks); a damaged shard with no compressed
+    original is a :class:`DataReadError` naming the file.
+    """
+    index = _file_location(None, local, split, "index.json")
+    try:
+        shards = json.loads(Path(index).read_text(encoding="utf-8"))["shards"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataReadError(f"cannot read dataset index {index}: {exc}") from None
+    for shard in shards:
+        raw, zipped = shard.get("raw_data") or {}, shard.get("zip_data")
+        path = _file_location(None, local, split, raw.get("basename", ""))
+        if shard.get("format") != "mds" or not os.path.isfile(path):
+            continue
+        problem = _header_problem(path, int(shard["samples"]), int(raw["bytes"]))
+        if problem is None:
+            continue
+        original = zipped and _file_location(None, local, split, zipped["basename"])
+        if original and os.path.isfile(original):
+            log.warning(
+                "decompressed shard %s is damaged (%s); removed it: it is rebuilt from %s",
+                path,
+                problem,
+                original,
+            )
+            os.remove(path)
+            continue
+        raise DataReadError(f"shard {path} is damaged: {problem}")
 
 
 class StreamingTextDataset(StreamingDataset):
@@ -97,6 +169,9 @@ class StreamingTextDataset(StreamingDataset):
         self.token_column = token_column
         self.vocab_size = vocab_size
         self._shard_failure: DataReadError | None = None
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # before streaming lists the cache
+            for local, split in _local_folders(kwargs):
+                check_local_shards(local, split)
         try:
             super().__init__(**kwargs)
         except Exception as exc:
@@ -224,7 +299,14 @@ class StreamingTextDataset(StreamingDataset):
             raise DataReadError("a background shard download failed; see the log above")
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        sample = super().__getitem__(idx)
+        try:
+            sample = super().__getitem__(idx)
+        except (IndexError, ValueError, OSError, struct.error) as exc:
+            shard_id, _ = self.spanner[idx]
+            raise DataReadError(
+                f"cannot read sample {idx} from shard {self._shard_location(shard_id)}: damaged "
+                f"shard ({type(exc).__name__}: {exc})"
+            ) from None
         tokens = sample[self.token_column]
         if not isinstance(tokens, np.ndarray):
             raise DataReadError(

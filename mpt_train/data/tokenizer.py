@@ -19,6 +19,7 @@ import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mpt_train.errors import ConfigError
+from mpt_train.hub import check_hub_name
 
 __all__ = [
     "SHIPPED_CORPUS",
@@ -58,6 +59,7 @@ def load_tokenizer(name_or_path: str, **kwargs: Any) -> PreTrainedTokenizerBase:
         ValueError: if the tokenizer has no EOS token (documents could not be separated).
     """
     path = SHIPPED_TOKENIZER if name_or_path == SHIPPED_TOKENIZER_NAME else name_or_path
+    check_hub_name(path, "name")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:

@@ -75,6 +75,10 @@ def _safe_globals() -> list[Any]:
 
 
 def _read_monolithic(path: Path, trust: bool) -> dict[str, Any]:
+    from mpt_train.reliability.manifest import damage_of
+
+    if (damage := damage_of(path)) is not None:
+        raise CheckpointError(f"{path} is damaged: {damage}")
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)

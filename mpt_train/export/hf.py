@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -99,21 +100,25 @@ def export_hf(
     max_seq_len: int | None = None,
     dtype: torch.dtype | None = None,
     trust: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write a transformers ``MptForCausalLM`` folder for a Composer checkpoint.
 
     Args:
         checkpoint: See :func:`read_checkpoint`.
-        out_dir: Created if missing; existing files with the same names are replaced.
+        out_dir: Created if missing. The export is written beside it first; a folder holding
+            files this export does not write is refused unless ``overwrite`` (then they are
+            left there, and same-named files are replaced).
         spec_path: A run spec YAML, for checkpoints that do not carry one.
         tokenizer: Tokenizer name/path to save alongside (default: the spec's ``tokenizer``).
         max_seq_len: ``config.max_seq_len`` to export (transformers sizes its ALiBi table by
             it); default the trained length.
         dtype: Cast weights (e.g. ``torch.bfloat16``); default as stored (fp32).
         trust: See :func:`read_checkpoint`.
+        overwrite: Export into a folder that holds other files.
 
     Raises:
-        CheckpointError: unreadable checkpoint or no spec.
+        CheckpointError: unreadable checkpoint or no spec, or ``out_dir`` holds other files.
         ValueError: the model config has no transformers MPT equivalent (names each reason).
     """
     from transformers import GenerationConfig
@@ -142,15 +147,37 @@ def export_hf(
         use_cache=True,
     )
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(out, safe_serialization=True)
-    if tok is not None:
-        tok.model_max_length = hf.config.max_seq_len
-        tok.save_pretrained(out)
-    else:
-        log.warning("no tokenizer in the spec or arguments: %s has no tokenizer files", out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.export-", dir=out.parent) as tmp:
+        staged = Path(tmp)
+        hf.save_pretrained(staged, safe_serialization=True)
+        if tok is not None:
+            tok.model_max_length = hf.config.max_seq_len
+            tok.save_pretrained(staged)
+        else:
+            log.warning("no tokenizer in the spec or arguments: %s has no tokenizer files", out)
+        _publish(staged, out, overwrite)
     log.info("exported %s -> %s (%.1fM params)", checkpoint, out, hf.num_parameters() / 1e6)
     return out
+
+
+def _publish(staged: Path, out: Path, overwrite: bool) -> None:
+    """Move the staged export into ``out`` with ordinary permissions (rw-r--r--), refusing a
+    folder that holds files this export does not write unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output {out} is a file, not a folder")
+    written = {p.name for p in staged.iterdir()}
+    others = sorted(p.name for p in out.iterdir() if p.name not in written) if out.is_dir() else []
+    if others and not overwrite:
+        shown = ", ".join(others[:3]) + (f", ... ({len(others)} in all)" if len(others) > 3 else "")
+        raise CheckpointError(
+            f"output folder {out} holds files this export does not write ({shown}); choose an "
+            "empty folder, or pass --overwrite to export into it anyway"
+        )
+    out.mkdir(exist_ok=True)
+    for p in staged.iterdir():
+        p.chmod(0o644)
+        os.replace(p, out / p.name)
 
 
 def import_hf(

@@ -5,6 +5,10 @@ Composer's callbacks log a step's metrics in several calls and under different s
 of batch k until the start of batch k+1 (loss, throughput, lr, evaluations after batch k) is
 merged into one line with ``"step": k`` (1-based, as the console shows it), written when the
 next batch starts or the run ends.
+
+The file is opened at the first write and appended to: the rows of an earlier attempt past the
+checkpoint a run resumes from (or of an earlier run, for a run starting at batch 0) are moved
+aside before that by :class:`mpt_train.reliability.records.RunRecords`.
 """
 
 from __future__ import annotations
@@ -28,18 +32,11 @@ class JsonlLogger(LoggerDestination):
         self.path = Path(path)
         self._step: int | None = None
         self._row: dict[str, Any] = {}
-        self._file = None
+        self._file: Any = None
+        self._writer = False
 
     def init(self, state: State, logger: Logger) -> None:
-        if dist.get_global_rank() == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("a", encoding="utf-8")
-
-    def fit_start(self, state: State, logger: Logger) -> None:
-        # A resumed run appends (its re-done steps replace the lost attempt's in read_metrics);
-        # a run starting at batch 0 is a new run under this name: the old rows would mix in.
-        if self._file is not None and int(state.timestamp.batch) == 0:
-            self._file.truncate(0)
+        self._writer = dist.get_global_rank() == 0
 
     def eval_start(self, state: State, logger: Logger) -> None:
         if self._step is None:  # an evaluation before the first batch (eval_first): row 0
@@ -55,7 +52,7 @@ class JsonlLogger(LoggerDestination):
         self._step = int(state.timestamp.batch) + 1
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        if self._file is None or self._step is None:
+        if not self._writer or self._step is None:
             return
         for k, v in metrics.items():
             if isinstance(v, torch.Tensor):
@@ -66,7 +63,10 @@ class JsonlLogger(LoggerDestination):
                 self._row[k] = v if not isinstance(v, float) or math.isfinite(v) else str(v)
 
     def _flush(self) -> None:
-        if self._file is not None and self._row and self._step is not None:
+        if self._writer and self._row and self._step is not None:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = self.path.open("a", encoding="utf-8")
             self._file.write(json.dumps({"step": self._step, **self._row}, sort_keys=True) + "\n")
             self._file.flush()
         self._row = {}
@@ -79,6 +79,7 @@ class JsonlLogger(LoggerDestination):
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._writer = False
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mpt_train.reliability.checkpoints import (
     CheckpointIntegrity,
@@ -14,6 +14,7 @@ from mpt_train.reliability.config import LossGuardConfig, ReliabilityConfig
 from mpt_train.reliability.guards import LossGuard, LossGuardStop
 from mpt_train.reliability.manifest import CheckpointCorruptError
 from mpt_train.reliability.resume import CheckpointLayoutError, check_resume_layout, prepare_resume
+from mpt_train.reliability.resume_spec import ResumeSpecError, check_resume_spec
 from mpt_train.reliability.trust import (
     UntrustedCheckpointError,
     check_load_path_trusted,
@@ -33,9 +34,11 @@ __all__ = [
     "LossGuardConfig",
     "LossGuardStop",
     "ReliabilityConfig",
+    "ResumeSpecError",
     "UntrustedCheckpointError",
     "check_load_path_trusted",
     "check_resume_layout",
+    "check_resume_spec",
     "load_weights_safely",
     "prepare_resume",
     "reliability_callbacks",
@@ -43,15 +46,19 @@ __all__ = [
 
 
 def reliability_callbacks(
-    cfg: ReliabilityConfig, save_folder: str | None, run_dir: Path
+    cfg: ReliabilityConfig,
+    save_folder: str | None,
+    run_dir: Path,
+    spec: dict[str, Any] | None = None,
 ) -> list[Callback]:
-    """The callbacks a run needs for its ``reliability`` section.
+    """The callbacks a run needs for its ``reliability`` section (``spec``: the resolved spec
+    each checkpoint's manifest records).
 
     The S3 retry budget (``s3_max_attempts``) is set by the trainer before any bucket access.
     """
     out: list[Callback] = []
     if save_folder and cfg.checkpoint_manifest:
-        out.append(CheckpointIntegrity(save_folder, cfg.min_free_space_factor))
+        out.append(CheckpointIntegrity(save_folder, cfg.min_free_space_factor, spec))
     if cfg.loss_guard is not None:
         out.append(LossGuard(cfg.loss_guard, run_dir))
     return out

@@ -40,10 +40,12 @@ from composer.utils import dist, format_name_with_dist, format_name_with_dist_an
 from mpt_train.errors import RunFailure
 from mpt_train.reliability.manifest import (
     MANIFEST_SUFFIX,
+    CheckpointCorruptError,
     describe_files,
     files_written_by,
     manifest_path,
     new_manifest,
+    read_manifest,
     write_manifest,
 )
 from mpt_train.reliability.resume import (
@@ -55,6 +57,7 @@ from mpt_train.reliability.resume import (
     list_checkpoints,
     prepare_resume,
 )
+from mpt_train.reliability.resume_spec import refused_changes
 
 __all__ = [
     "LATEST_LINK",
@@ -90,11 +93,19 @@ class CheckpointIntegrity(Callback):
         save_folder: The run's ``save_folder`` (``{run_name}`` allowed), local or a URL.
         min_free_space_factor: Free space required before a local save, as a multiple of the
             previous checkpoint's size on this rank (or of the model and optimizer state).
+        spec: The run's resolved spec, recorded in every manifest: a resume compares it with
+            its own, and rotation never removes a checkpoint another spec wrote.
     """
 
-    def __init__(self, save_folder: str, min_free_space_factor: float = 1.1) -> None:
+    def __init__(
+        self,
+        save_folder: str,
+        min_free_space_factor: float = 1.1,
+        spec: dict[str, Any] | None = None,
+    ) -> None:
         self.save_folder = save_folder
         self.min_free_space_factor = min_free_space_factor
+        self.spec = spec
         self._saver: CheckpointSaver | None = None
         self._last_size: int | None = None
         self._keep = -1
@@ -199,16 +210,29 @@ class CheckpointIntegrity(Callback):
                 saver.num_checkpoints_to_keep = -1
         elif dist.get_global_rank() == 0 and folder.is_dir():
             # Only this lineage's past: checkpoints at later batches (another run saving into
-            # the same folder, an overwritten run) are not older, and never the one just saved.
+            # the same folder, an overwritten run) are not older, checkpoints another spec wrote
+            # are another run's, and never the one just saved.
             now = int(state.timestamp.batch)
             older = [
                 n
                 for b, n in list_checkpoints(folder)
-                if b <= now and n != saved and manifest_path(folder, n).exists()
+                if b <= now and n != saved and self._same_run(folder, n)
             ]
             for name in older[self._keep - 1 :]:
                 _delete_checkpoint(folder, name)
             _drop_stale_manifests(folder)
+
+    def _same_run(self, folder: Path, name: str) -> bool:
+        """Whether checkpoint ``name`` is complete and was written by this run's spec (a
+        manifest that records no spec predates spec records and counts as this run's)."""
+        path = manifest_path(folder, name)
+        if not path.exists():
+            return False
+        try:
+            saved = read_manifest(path).spec
+        except CheckpointCorruptError:
+            return True
+        return saved is None or self.spec is None or not refused_changes(saved, self.spec)
 
     def _space_problem(self, folder: Path, state: State) -> str | None:
         """Why a local save would fail now, or None. Checked on every rank before writing."""
@@ -239,7 +263,7 @@ class CheckpointIntegrity(Callback):
                 merged.update(part)
             path = write_manifest(
                 folder,
-                new_manifest(name, int(state.timestamp.batch), state.run_name, merged),
+                new_manifest(name, int(state.timestamp.batch), state.run_name, merged, self.spec),
             )
             log.info("checkpoint %s complete (%d files, manifest %s)", unit, len(merged), path)
             _drop_stale_manifests(folder)
@@ -264,7 +288,8 @@ class CheckpointIntegrity(Callback):
             if not names:
                 raise CheckpointUploadError(f"checkpoint {url} is not in the bucket after upload")
             files = {o: {"size": store.get_object_size(o)} for o in names}
-            manifest = new_manifest(name, int(state.timestamp.batch), state.run_name, files)
+            batch = int(state.timestamp.batch)
+            manifest = new_manifest(name, batch, state.run_name, files, self.spec)
             with tempfile.TemporaryDirectory() as tmp:
                 local = Path(tmp) / "m.json"
                 local.write_text(manifest.to_json())

@@ -74,6 +74,10 @@ class ReliabilityConfig:
             outlast a restart of the object store; 10 rides out about a minute. Applied as
             ``AWS_MAX_ATTEMPTS`` unless that is already set.
         loss_guard: NaN/Inf/spike handling; null turns it off.
+        resume_allow_changes: Spec keys (dotted; a section accepts everything below it) that
+            may differ from the spec the resumed checkpoint was saved with, beyond those that
+            may always change (``mpt_train.reliability.resume_spec``). Accepted changes are
+            logged; weights still load strictly.
     """
 
     checkpoint_manifest: bool = True
@@ -82,8 +86,14 @@ class ReliabilityConfig:
     min_free_space_factor: float = 1.1
     s3_max_attempts: int = 10
     loss_guard: LossGuardConfig | None = field(default_factory=LossGuardConfig)
+    resume_allow_changes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for i, key in enumerate(self.resume_allow_changes):
+            if not isinstance(key, str) or not key:
+                raise ConfigError(
+                    f"resume_allow_changes[{i}]", f"got {key!r}, expected a dotted spec key"
+                )
         if self.s3_max_attempts < 1:
             raise ConfigError("s3_max_attempts", f"got {self.s3_max_attempts}, expected >= 1")
         check_choice("on_corrupt_checkpoint", self.on_corrupt_checkpoint, ("fail", "fallback"))

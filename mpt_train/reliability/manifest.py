@@ -29,6 +29,7 @@ __all__ = [
     "MANIFEST_SUFFIX",
     "CheckpointCorruptError",
     "Manifest",
+    "damage_of",
     "file_digest",
     "manifest_path",
     "owner_of",
@@ -64,6 +65,9 @@ class Manifest:
     files: dict[str, dict[str, Any]]
     written_at: float
     version: int = FORMAT_VERSION
+    #: The resolved, redacted run spec that wrote the checkpoint (None: written before specs
+    #: were recorded), so a resume can compare specs without unpickling the checkpoint.
+    spec: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=1, sort_keys=True)
@@ -126,9 +130,20 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Path:
     return final
 
 
-def new_manifest(checkpoint: str, batch: int, run_name: str, files: dict[str, Any]) -> Manifest:
+def new_manifest(
+    checkpoint: str,
+    batch: int,
+    run_name: str,
+    files: dict[str, Any],
+    spec: dict[str, Any] | None = None,
+) -> Manifest:
     return Manifest(
-        checkpoint=checkpoint, batch=batch, run_name=run_name, files=files, written_at=time.time()
+        checkpoint=checkpoint,
+        batch=batch,
+        run_name=run_name,
+        files=files,
+        written_at=time.time(),
+        spec=spec,
     )
 
 
@@ -181,6 +196,41 @@ def verify_manifest(
             raise CheckpointCorruptError(
                 root / rel, f"xxh3_128 {got} does not match the manifest's {want['xxh3_128']}"
             )
+
+
+def damage_of(path: str | os.PathLike) -> str | None:
+    """Why a one-file checkpoint is not one (empty, truncated, not a torch archive), naming what
+    its manifest expected where one sits beside it; None when it looks like a checkpoint.
+
+    Composer writes torch's zip format, whose directory is at the end of the file: a file cut
+    short or overwritten has none (a bare pickle, torch's legacy format, is left to the loaders
+    and their trust checks). Checked before unpickling, so a damaged file is reported as
+    damaged, not as untrusted code or a pickle error.
+    """
+    import zipfile
+
+    p = Path(path)
+    size = p.stat().st_size
+    if size == 0:
+        what = "an empty file (0 bytes)"
+    elif zipfile.is_zipfile(p):
+        return None
+    else:
+        with open(p, "rb") as f:
+            if f.read(1) == b"\x80":  # a bare pickle (torch's legacy format): the loaders judge
+                return None
+        what = f"not a checkpoint ({size} bytes, no PyTorch archive: cut short or overwritten)"
+    m = manifest_path(p.parent, p.name)
+    if m.is_file():
+        try:
+            entry = read_manifest(m).files.get(p.name) or {}
+        except CheckpointCorruptError:
+            entry = {}
+        if "size" in entry:
+            what += f"; its manifest {m.name} expects {entry['size']} bytes"
+            if "xxh3_128" in entry:
+                what += f" with xxh3_128 {entry['xxh3_128']}"
+    return what
 
 
 def _fsync_dir(path: Path) -> None:

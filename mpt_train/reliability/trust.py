@@ -48,6 +48,11 @@ def check_load_path_trusted(
     """
     if not load_path:
         return
+    if "://" not in load_path and Path(load_path).is_file():
+        from mpt_train.reliability.manifest import damage_of
+
+        if (damage := damage_of(load_path)) is not None:
+            raise ConfigError("load_path", f"{load_path} is damaged: {damage}")
     folder = save_folder.format(run_name=run_name) if save_folder else None
     if folder is not None and _inside(load_path, folder):
         return
@@ -97,6 +102,10 @@ def load_weights_safely(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(p))
+    from mpt_train.reliability.manifest import damage_of
+
+    if (damage := damage_of(p)) is not None:
+        raise UntrustedCheckpointError(f"{p} is damaged: {damage}")
     try:
         obj: Any = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError or RuntimeError for refused globals

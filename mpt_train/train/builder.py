@@ -23,21 +23,24 @@ import yaml
 from composer import Evaluator, Trainer
 from composer.core import Callback, DataSpec
 from composer.core.algorithm import Algorithm
-from composer.utils import dist, reproducibility
+from composer.utils import dist, format_name_with_dist, reproducibility
 
 from mpt_train.config import RunConfig, redact, to_container
 from mpt_train.config.checks import check_spec, resolve_precision
 from mpt_train.config.validate import device_train_batch_size, validate_run
-from mpt_train.errors import ConfigError
+from mpt_train.errors import ConfigError, RunInterrupted
 from mpt_train.eval.callback import ICLEvalCallback
 from mpt_train.eval.icl import for_model
 from mpt_train.model import MPTBlock, build_model, check_attention_impl, init_weights
 from mpt_train.reliability import (
     check_load_path_trusted,
     check_resume_layout,
+    check_resume_spec,
     prepare_resume,
     reliability_callbacks,
 )
+from mpt_train.reliability.manifest import manifest_path
+from mpt_train.reliability.resume import list_checkpoints
 from mpt_train.train.callbacks import build_callbacks, build_loggers
 from mpt_train.train.clipping import build_gradient_clipping
 from mpt_train.train.composer_model import ComposerMPT
@@ -126,7 +129,14 @@ def check_run(cfg: RunConfig) -> RunPlan:
     os.environ.setdefault("AWS_MAX_ATTEMPTS", str(cfg.reliability.s3_max_attempts))
     dist.initialize_dist(device, timeout=cfg.dist_timeout)
     run_name, fixed_name = resolve_run_name(cfg)
-    cfg = replace(cfg, run_name=run_name)
+    # The precision recorded with every checkpoint is the resolved one (``auto`` is per device).
+    cfg = replace(cfg, run_name=run_name, precision=precision)
+    autoresume = _autoresume(cfg, fixed_name)
+    spec = redact(to_container(cfg))
+    rel = cfg.reliability
+    if autoresume and cfg.save_folder:
+        # Before anything is loaded, moved or rotated: the checkpoint must be this run's.
+        check_resume_spec(cfg.save_folder, run_name, spec, rel.resume_allow_changes)
     validate_run(cfg, world)
     algorithms, callbacks = [], []
     if cfg.gradient_clipping is not None:
@@ -136,12 +146,9 @@ def check_run(cfg: RunConfig) -> RunPlan:
     if schedule_note and dist.get_global_rank() == 0:
         log.warning(schedule_note)
     per_rank = device_train_batch_size(cfg, world)
-    autoresume = _autoresume(cfg, fixed_name)
-    rel = cfg.reliability
     check_load_path_trusted(cfg.load_path, cfg.save_folder, run_name, rel.trust_checkpoint)
     if autoresume and rel.checkpoint_manifest and cfg.save_folder:
         prepare_resume(cfg.save_folder, run_name, rel.on_corrupt_checkpoint)
-    spec = redact(to_container(cfg))
     log.info("run %s on %d rank(s), %s, %s", run_name, world, device, precision)
     log.debug("resolved spec:\n%s", yaml.safe_dump(spec, sort_keys=False))
     return RunPlan(cfg, device, precision, world, per_rank, autoresume, spec, algorithms, callbacks)
@@ -174,6 +181,8 @@ def build_run_model(run: RunPlan, parallelism: dict[str, Any] | None) -> Compose
     composer_model = ComposerMPT(
         model, loss_chunk_tokens=cfg.loss.chunk_tokens, train_metrics=cfg.loss.train_metrics
     )
+    # A resume loads its own checkpoint: every tensor must be there, whatever load_path allows.
+    composer_model.strict_loading = cfg.load_strict_model_weights or run.autoresume
     if parallelism is None:
         apply_unsharded_settings(cfg, composer_model, run.world)
     return composer_model
@@ -194,7 +203,7 @@ def build_optimizer_and_callbacks(
         mesh = parallelism["fsdp"].device_mesh
         callbacks.append(GlooGradientAverage(mesh["shard"].get_group() if mesh else None))
     callbacks += build_callbacks(cfg, run.spec, run.run_dir)
-    callbacks += reliability_callbacks(cfg.reliability, cfg.save_folder, run.run_dir)
+    callbacks += reliability_callbacks(cfg.reliability, cfg.save_folder, run.run_dir, run.spec)
     if cfg.icl_tasks:
         m = cfg.model
         tasks = [for_model(t, m.learned_pos_emb, m.max_seq_len) for t in cfg.icl_tasks]
@@ -294,6 +303,32 @@ def train(cfg: RunConfig) -> Trainer:
             if cfg.eval_first and evaluators and int(trainer.state.timestamp.batch) == 0:
                 trainer.eval()
             trainer.fit()
+    except KeyboardInterrupt:
+        raise RunInterrupted(_where_stopped(trainer, cfg)) from None
     finally:
         trainer.close()
     return trainer
+
+
+def _where_stopped(trainer: Trainer, cfg: RunConfig) -> str:
+    """Where an interrupted run stopped, and what the same command will do next."""
+    state = trainer.state
+    where = f"run {state.run_name} interrupted at batch {int(state.timestamp.batch)}"
+    if not (cfg.save_folder and trainer.state.run_name and cfg.autoresume is not False):
+        return f"{where}; it saves no checkpoints to resume from: the same command starts over"
+    folder = format_name_with_dist(cfg.save_folder, state.run_name)
+    if "://" in folder:
+        return f"{where}; the same command resumes from the newest checkpoint in {folder}"
+    # The newest complete checkpoint (one cut short by the interruption has no manifest).
+    done = (
+        [
+            n
+            for _, n in list_checkpoints(Path(folder))
+            if not cfg.reliability.checkpoint_manifest or manifest_path(folder, n).exists()
+        ]
+        if Path(folder).is_dir()
+        else []
+    )
+    if not done:
+        return f"{where}, before its first checkpoint: the same command starts over"
+    return f"{where}; the same command resumes from {Path(folder) / done[0]}"

@@ -15,6 +15,7 @@ from mpt_train.callbacks import CostMonitor, TrainSpeedMonitor
 from mpt_train.callbacks.accounting import detect_gpu_type, get_gpu
 from mpt_train.config import RunConfig, redact, to_container
 from mpt_train.loggers import ConsoleLine, JsonlLogger
+from mpt_train.reliability.records import RunRecords
 from mpt_train.train.trainer import RunSpecRecorder
 
 __all__ = ["build_callbacks", "build_loggers"]
@@ -45,7 +46,10 @@ def build_loggers(cfg: RunConfig, run_name: str) -> list[LoggerDestination]:
 
 def build_callbacks(cfg: RunConfig, spec: dict[str, Any], run_dir: Path) -> list[Callback]:
     cc = cfg.callbacks
-    out: list[Callback] = [RunSpecRecorder(spec, run_dir)]
+    lc = cfg.loggers
+    metrics = Path(lc.jsonl.path.format(run_name=cfg.run_name)) if lc.jsonl else None
+    ledger = run_dir / "cost_ledger.json" if cc.cost_monitor and cc.cost_monitor.ledger else None
+    out: list[Callback] = [RunRecords(spec, run_dir, metrics, ledger), RunSpecRecorder(spec)]
     # One peak for both monitors' MFU: the spec's, else the dense bf16 peak of the GPU named in
     # `cost` or detected (Composer's own lookup knows no H100 NVL and reads an H200 NVL as SXM).
     gpu_type = cfg.cost.gpu_type or detect_gpu_type()
@@ -71,7 +75,7 @@ def build_callbacks(cfg: RunConfig, spec: dict[str, Any], run_dir: Path) -> list
                 # applied through FSDP2, or directly to the blocks without sharding
                 activation_checkpointing=bool(cfg.fsdp and cfg.fsdp.activation_checkpointing),
                 log_interval=cc.cost_monitor.log_interval,
-                ledger_path=str(run_dir / "cost_ledger.json") if cc.cost_monitor.ledger else None,
+                ledger_path=str(ledger) if ledger else None,
             )
         )
     return out

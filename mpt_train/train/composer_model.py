@@ -19,10 +19,15 @@ from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 from torchmetrics import Metric
 
+from mpt_train.errors import RunFailure
 from mpt_train.model import MPTModel
 from mpt_train.model.loss import IGNORE_INDEX
 
-__all__ = ["IGNORE_INDEX", "ComposerMPT", "shift_labels"]
+__all__ = ["IGNORE_INDEX", "ComposerMPT", "WeightsMismatchError", "shift_labels"]
+
+
+class WeightsMismatchError(RunFailure):
+    """A checkpoint's tensors are not the model's: the message names the first few of each."""
 
 
 def shift_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -64,6 +69,18 @@ class ComposerMPT(ComposerModel):
             "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
         }
 
+    #: Load weights strictly even when Composer asks for less: it resumes a full checkpoint
+    #: with ``strict=False``, which would continue a changed model from whatever tensors happen
+    #: to fit. The trainer clears it only for a ``load_path`` with
+    #: ``load_strict_model_weights: false``.
+    strict_loading: bool = True
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        strict = strict or self.strict_loading
+        if strict:
+            _check_same_tensors(self.state_dict(), state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def _sequence_id(self, batch: dict[str, Any]) -> torch.Tensor | None:
         return batch.get("sequence_id") if self.use_sequence_id else None
 
@@ -101,3 +118,30 @@ class ComposerMPT(ComposerModel):
         """Model FLOPs of one training step on ``batch`` (llm-foundry's MFU convention)."""
         bsz, seq_len = batch["input_ids"].shape[:2]
         return float(self.model.flops_per_batch(bsz, seq_len))
+
+
+def _check_same_tensors(own: dict[str, Any], loaded: dict[str, Any]) -> None:
+    """One line naming what is missing, unexpected or of another shape (at most 3 of each)."""
+
+    def some(names: list[str]) -> str:
+        more = f", ... ({len(names)} in all)" if len(names) > 3 else ""
+        return ", ".join(names[:3]) + more
+
+    missing = sorted(set(own) - set(loaded))
+    unexpected = sorted(set(loaded) - set(own))
+    shapes = [
+        f"{k} {tuple(loaded[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(loaded))
+        if hasattr(own[k], "shape")
+        and hasattr(loaded[k], "shape")
+        and tuple(own[k].shape) != tuple(loaded[k].shape)
+    ]
+    problems = [
+        f"{what}: {some(names)}"
+        for what, names in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+        if names
+    ]
+    if problems:
+        raise WeightsMismatchError(
+            "the checkpoint's weights are not this model's (" + "; ".join(problems) + ")"
+        )

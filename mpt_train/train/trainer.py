@@ -4,15 +4,12 @@ callback that records the resolved spec with every checkpoint."""
 from __future__ import annotations
 
 import datetime
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from composer import Trainer
-from composer.core import Callback, State
+from composer.core import Callback
 from composer.devices import DeviceGPU
-from composer.loggers import Logger
 from composer.utils import dist
 
 from mpt_train.train.host_reads import side_stream
@@ -21,16 +18,11 @@ __all__ = ["MPTTrainer", "RunSpecRecorder"]
 
 
 class RunSpecRecorder(Callback):
-    """Stores the resolved, redacted spec in every checkpoint and next to the metrics."""
+    """Stores the resolved, redacted spec in every checkpoint (``RunRecords`` writes it next to
+    the metrics as ``config.yaml``)."""
 
-    def __init__(self, spec: dict[str, Any], out_dir: Path) -> None:
+    def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
-        self.out_dir = out_dir
-
-    def init(self, state: State, logger: Logger) -> None:
-        if dist.get_global_rank() == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.spec, sort_keys=False))
 
     def state_dict(self) -> dict[str, Any]:
         return {"spec": self.spec}

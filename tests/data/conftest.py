@@ -16,6 +16,7 @@ import pytest
 from mpt_train.data.tokenizer import load_tokenizer
 from tests.data.data_helpers import shipped_texts, write_jsonl
 from tests.s3_server import S3Server
+from tests.train.conftest import mds_dir  # noqa: F401 - re-exported fixture
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
