@@ -10,7 +10,7 @@ import pytest
 
 from mpt_train.cli import main as train_main
 from mpt_train.data import DataReadError, TextDatasetConfig, TextLoaderConfig, build_text_dataloader
-from mpt_train.data.convert import main as convert_main
+from mpt_train.data.convert_cli import main as convert_main
 from tests.data.data_helpers import write_jsonl
 from tests.train.conftest import tiny_spec, write_spec
 

@@ -72,7 +72,7 @@ def test_offline_setting_names_itself(
 def test_convert_with_an_unreachable_tokenizer(
     tmp_path: Path, offline_hub: str, capsys, caplog
 ) -> None:
-    from mpt_train.data.convert import main
+    from mpt_train.data.convert_cli import main
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text('{"text": "a document"}\n')
