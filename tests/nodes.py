@@ -9,6 +9,7 @@ lost. CPU ranks talk over gloo on loopback.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -19,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+import pytest
 
 from tests.helpers import REPO
 
@@ -32,16 +35,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-#: Gives a node its own /dev/shm, as a machine has: mosaicml-streaming keeps its per-node
-#: index and barriers in POSIX shared memory, and two nodes sharing one would collide.
-OWN_SHM = ["unshare", "--mount", "--map-root-user", "sh", "-c",
-           'mount -t tmpfs tmpfs /dev/shm && exec "$0" "$@"']  # fmt: skip
+_MOUNT_SHM = ["sh", "-c", 'mount -t tmpfs tmpfs /dev/shm && exec "$0" "$@"']
+
+
+@functools.cache
+def own_shm() -> list[str]:
+    """The prefix that gives a node its own /dev/shm, as a machine has: mosaicml-streaming
+    keeps its per-node index and barriers in POSIX shared memory, and two nodes sharing one
+    collide. A mount namespace: as root, or through an unprivileged user namespace."""
+    for prefix in (["unshare", "--mount"], ["unshare", "--mount", "--map-root-user"]):
+        probe = subprocess.run([*prefix, *_MOUNT_SHM, "true"], capture_output=True)
+        if probe.returncode == 0:
+            return [*prefix, *_MOUNT_SHM]
+    pytest.skip(
+        "simulated nodes need a /dev/shm each: `unshare --mount` (root) or unprivileged user "
+        f"namespaces, neither works here: {probe.stderr.decode(errors='replace').strip()}"
+    )
 
 
 def node_cmd(nodes: int, ranks: int, node_rank: int, port: int) -> list[str]:
     """The launcher command of node ``node_rank`` of ``nodes`` nodes with ``ranks`` ranks each."""
     return [
-        *OWN_SHM,
+        *own_shm(),
         sys.executable, "-m", "composer.cli.launcher",
         "--world_size", str(nodes * ranks),
         "--node_rank", str(node_rank),
