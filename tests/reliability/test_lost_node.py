@@ -92,7 +92,7 @@ def test_a_stalled_rank_is_named_on_rank_0_while_it_stalls(mds_dir: Path, tmp_pa
         reliability={"straggler_timeout_s": 3},
     )
     path = str(write_spec(tmp_path / "stall.yaml", spec))
-    console = run_nodes(1, 2, [FAULT_RUN, "--sleep-at", "2", "1", "25", path], cwd=tmp_path,
+    console = run_nodes(1, 2, [FAULT_RUN, "--sleep-at", "2", "1", "12", path], cwd=tmp_path,
                         timeout=600)  # fmt: skip
     lines = console.splitlines()
     stalled = [
