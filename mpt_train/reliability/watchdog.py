@@ -163,7 +163,7 @@ class RankWatchdog(Callback):
             if beat.events != old.beat.events or beat.state != "training":
                 if old.stall_reported and beat.state == "training":
                     log.warning(
-                        "%s moves again after %.0f s (step %d)",
+                        "%s moves again after %.0f s (%d steps done)",
                         peer_label(beat),
                         now - old.progress_at,
                         beat.step,
@@ -185,7 +185,7 @@ class RankWatchdog(Callback):
             if not seen.lost_reported:
                 seen.lost_reported = True
                 log.error(
-                    "%s stopped answering: no heartbeat for %.0f s (last at step %d, %s); its "
+                    "%s stopped answering: no heartbeat for %.0f s (%d steps done, last event %s); its "
                     "process died or its host is unreachable",
                     peer_label(seen.beat),
                     now - seen.beat_at,
@@ -212,7 +212,7 @@ class RankWatchdog(Callback):
         for s in stuck:
             log.warning(
                 "%s has made no progress for %.0f s (reliability.straggler_timeout_s=%g): "
-                "step %d, after event %s, now at %s%s",
+                "%d steps done, last event %s, now at %s%s",
                 peer_label(s.beat),
                 now - s.progress_at,
                 self.straggler_timeout_s,
@@ -223,7 +223,7 @@ class RankWatchdog(Callback):
             )
         if not stuck:
             log.warning(
-                "ranks %s have waited in a collective for %.0f s (step %d): the rank they wait "
+                "ranks %s have waited in a collective for %.0f s (%d steps done): the rank they wait "
                 "for is not among those reporting",
                 waiting,
                 now - min(s.progress_at for s in stalled),
@@ -248,7 +248,7 @@ class RankWatchdog(Callback):
             return
         for seen in lost:
             log.error(
-                "%s stopped answering: no heartbeat for %.0f s (last at step %d, %s)",
+                "%s stopped answering: no heartbeat for %.0f s (%d steps done, last event %s)",
                 peer_label(seen.beat),
                 now - seen.beat_at,
                 seen.beat.step,
@@ -261,7 +261,7 @@ class RankWatchdog(Callback):
         ]
         for seen in alive_stuck:
             log.error(
-                "%s is alive but was not in a collective when this run failed: step %d, at %s",
+                "%s is alive but was not in a collective when this run failed (%d steps done), at %s",
                 peer_label(seen.beat),
                 seen.beat.step,
                 seen.beat.where,
