@@ -158,7 +158,6 @@ TOP_LEVEL = {
     "load_weights_only": "Load only the weights from `load_path` (a fine-tune), not the "
     "optimizer, schedule or data position.",
     "load_strict_model_weights": "Refuse a `load_path` whose weights do not match the model.",
-    "dist_timeout": "Seconds a collective waits for the other ranks before failing.",
     "progress_bar": "Composer's progress bar instead of the one-line console log.",
 }
 

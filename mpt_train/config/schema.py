@@ -354,7 +354,6 @@ class RunConfig:
     load_path: str | None = None
     load_weights_only: bool = False
     load_strict_model_weights: bool = True
-    dist_timeout: float = 600.0
     loggers: LoggersConfig = field(default_factory=LoggersConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     cost: CostConfig = field(default_factory=CostConfig)
@@ -392,8 +391,6 @@ class RunConfig:
             )
         if self.eval_loader is not None and "eval" in self.eval_loaders:
             raise ConfigError("eval_loaders.eval", "the label 'eval' is taken by eval_loader")
-        if self.dist_timeout <= 0:
-            raise ConfigError("dist_timeout", f"got {self.dist_timeout}, expected seconds > 0")
         self._check_retention()
 
     def _check_retention(self) -> None:

@@ -20,6 +20,7 @@ from mpt_train.reliability.trust import (
     check_load_path_trusted,
     load_weights_safely,
 )
+from mpt_train.reliability.watchdog import RankWatchdog
 
 if TYPE_CHECKING:
     from composer.core import Callback
@@ -33,6 +34,7 @@ __all__ = [
     "LossGuard",
     "LossGuardConfig",
     "LossGuardStop",
+    "RankWatchdog",
     "ReliabilityConfig",
     "ResumeSpecError",
     "UntrustedCheckpointError",
@@ -54,9 +56,10 @@ def reliability_callbacks(
     """The callbacks a run needs for its ``reliability`` section (``spec``: the resolved spec
     each checkpoint's manifest records).
 
-    The S3 retry budget (``s3_max_attempts``) is set by the trainer before any bucket access.
+    The S3 retry budget (``s3_max_attempts``) is set by the trainer before any bucket access,
+    the collective timeout (``collective_timeout_s``) when the process group is created.
     """
-    out: list[Callback] = []
+    out: list[Callback] = [RankWatchdog(cfg.straggler_timeout_s)]
     if save_folder and cfg.checkpoint_manifest:
         out.append(CheckpointIntegrity(save_folder, cfg.min_free_space_factor, spec))
     if cfg.loss_guard is not None:

@@ -78,6 +78,15 @@ class ReliabilityConfig:
             may differ from the spec the resumed checkpoint was saved with, beyond those that
             may always change (``mpt_train.reliability.resume_spec``). Accepted changes are
             logged; weights still load strictly.
+        collective_timeout_s: How long any rank waits in one collective (all-gather,
+            reduce-scatter, all-reduce, barrier) before the run stops: the bound on a hung or
+            lost peer. NCCL's default is 10 minutes and gloo's 30, idle hardware on every other
+            node; 300 s still covers the longest one-sided wait of a healthy run (one rank
+            writing a checkpoint or fetching a dataset index while the rest wait).
+        straggler_timeout_s: A rank that finishes no training event for this long while alive
+            is named on rank 0 (with where it is), well before ``collective_timeout_s`` ends the
+            run; null turns these warnings off. A rank whose heartbeat stops is named as lost
+            either way.
     """
 
     checkpoint_manifest: bool = True
@@ -87,8 +96,11 @@ class ReliabilityConfig:
     s3_max_attempts: int = 10
     loss_guard: LossGuardConfig | None = field(default_factory=LossGuardConfig)
     resume_allow_changes: list[str] = field(default_factory=list)
+    collective_timeout_s: float = 300.0
+    straggler_timeout_s: float | None = 60.0
 
     def __post_init__(self) -> None:
+        self._check_timeouts()
         for i, key in enumerate(self.resume_allow_changes):
             if not isinstance(key, str) or not key:
                 raise ConfigError(
@@ -100,4 +112,21 @@ class ReliabilityConfig:
         if self.min_free_space_factor < 0:
             raise ConfigError(
                 "min_free_space_factor", f"got {self.min_free_space_factor}, expected >= 0"
+            )
+
+    def _check_timeouts(self) -> None:
+        if not self.collective_timeout_s > 0:
+            raise ConfigError(
+                "collective_timeout_s", f"got {self.collective_timeout_s}, expected seconds > 0"
+            )
+        straggler = self.straggler_timeout_s
+        if straggler is None:
+            return
+        if not straggler > 0:
+            raise ConfigError("straggler_timeout_s", f"got {straggler}, expected seconds > 0")
+        if straggler >= self.collective_timeout_s:
+            raise ConfigError(
+                "straggler_timeout_s",
+                f"{straggler} s is not below collective_timeout_s ({self.collective_timeout_s} "
+                "s): the run would stop before a stalled rank is named; lower it or set null",
             )

@@ -62,7 +62,6 @@ MAY_CHANGE: tuple[str, ...] = (
     "load_path",
     "load_weights_only",
     "load_strict_model_weights",
-    "dist_timeout",
     "reliability",
     "device",
     "device_train_microbatch_size",

@@ -127,7 +127,7 @@ def check_run(cfg: RunConfig) -> RunPlan:
     # botocore's default (3 tries in ~2 s) turns a short S3 hiccup into a failed run; set the
     # retry budget before anything (write probe, dataset index) talks to a bucket.
     os.environ.setdefault("AWS_MAX_ATTEMPTS", str(cfg.reliability.s3_max_attempts))
-    dist.initialize_dist(device, timeout=cfg.dist_timeout)
+    dist.initialize_dist(device, timeout=cfg.reliability.collective_timeout_s)
     run_name, fixed_name = resolve_run_name(cfg)
     # The precision recorded with every checkpoint is the resolved one (``auto`` is per device).
     cfg = replace(cfg, run_name=run_name, precision=precision)
@@ -200,8 +200,7 @@ def build_optimizer_and_callbacks(
     optimizer = build_optimizer(cfg.optimizer, model, on_gpu=run.device == "gpu")
     callbacks = list(run.callbacks)
     if parallelism is not None and run.device == "cpu":
-        mesh = parallelism["fsdp"].device_mesh
-        callbacks.append(GlooGradientAverage(mesh["shard"].get_group() if mesh else None))
+        callbacks.append(GlooGradientAverage())
     callbacks += build_callbacks(cfg, run.spec, run.run_dir)
     callbacks += reliability_callbacks(cfg.reliability, cfg.save_folder, run.run_dir, run.spec)
     if cfg.icl_tasks:
@@ -252,7 +251,7 @@ def assemble_trainer(
         load_path=cfg.load_path,
         load_weights_only=cfg.load_weights_only,
         load_strict_model_weights=cfg.load_strict_model_weights,
-        dist_timeout=cfg.dist_timeout,
+        dist_timeout=cfg.reliability.collective_timeout_s,
         accumulate_train_batch_on_tokens=True,
         python_log_level=None,
         overlap_step_end=cfg.overlap_step_end,

@@ -37,13 +37,6 @@ def parallelism_config(cfg: RunConfig, device: str) -> dict[str, Any] | None:
                 f"HYBRID_SHARD needs whole nodes: world size {world} is not a multiple of the "
                 f"{local} ranks per node",
             )
-        if device == "cpu" and world > local:
-            raise ConfigError(
-                "fsdp.sharding_strategy",
-                f"HYBRID_SHARD across {world // local} nodes of CPU ranks: FSDP2 averages the "
-                "replicas' gradients with an all-reduce that torch's gloo backend cannot do "
-                "(ReduceOp.AVG); use FULL_SHARD on CPU",
-            )
         mesh = init_device_mesh(
             "cuda" if device == "gpu" else "cpu",
             (world // local, local),

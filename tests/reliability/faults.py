@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,28 @@ def sample_hashes(batch: dict[str, torch.Tensor]) -> list[str]:
     return [hashlib.sha1(row.numpy().tobytes()).hexdigest()[:16] for row in ids]
 
 
+def grad_norm(model: torch.nn.Module) -> float:
+    """The global L2 norm of the gradient, whole (sharded gradients are gathered: every rank
+    must call this)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is not None:
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            total += g.detach().double().pow(2).sum()
+    return float(total.sqrt())
+
+
 class SampleLedger(Callback):
-    """Appends ``{"step", "rank", "samples"}`` lines to ``<prefix>.rank<r>.jsonl``; saves the
-    full weights to ``<prefix>.weights.pt`` (rank 0) at the end of training."""
+    """Appends ``{"step", "rank", "samples", "grad_norm"}`` lines to ``<prefix>.rank<r>.jsonl``
+    (the norm of the averaged gradient before clipping); saves the full weights to
+    ``<prefix>.weights.pt`` (rank 0) at the end of training."""
 
     def __init__(self, prefix: str | Path) -> None:
         self.prefix = Path(prefix)
+        self.norm = float("nan")
+
+    def after_backward(self, state: State, logger: Logger) -> None:
+        self.norm = grad_norm(state.model)  # reduced across ranks, not yet clipped
 
     def batch_end(self, state: State, logger: Logger) -> None:
         rank = dist.get_global_rank()
@@ -38,6 +55,7 @@ class SampleLedger(Callback):
             "step": int(state.timestamp.batch),
             "rank": rank,
             "samples": sample_hashes(state.batch),
+            "grad_norm": self.norm,
         }
         with open(f"{self.prefix}.rank{rank}.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -61,6 +79,36 @@ class KillAtBatch(Callback):
         # Mid-step: the batch is loaded and its forward is about to run.
         if int(state.timestamp.batch) == self.batch and dist.get_global_rank() == self.rank:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillNodeAtBatch(Callback):
+    """SIGKILL every process of node ``node`` (its launcher, every rank) in the middle of batch
+    ``batch + 1``, as when a machine is lost; the wall time of the kill goes to ``stamp``.
+
+    The node's first rank does it with ``killpg``: a node's launcher and ranks share one
+    process group (see tests/nodes.py)."""
+
+    def __init__(self, batch: int, node: int, stamp: str | Path) -> None:
+        self.batch, self.node, self.stamp = batch, node, Path(stamp)
+
+    def before_forward(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) != self.batch or dist.get_local_rank() != 0:
+            return
+        if dist.get_node_rank() == self.node:
+            self.stamp.write_text(repr(time.time()))
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+class SleepAtBatch(Callback):
+    """Make ``rank`` stop making progress for ``seconds`` in the middle of batch ``batch + 1``
+    (a hung data read or kernel); the others wait for it in their next collective."""
+
+    def __init__(self, batch: int, rank: int, seconds: float) -> None:
+        self.batch, self.rank, self.seconds = batch, rank, seconds
+
+    def before_forward(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) == self.batch and dist.get_global_rank() == self.rank:
+            time.sleep(self.seconds)
 
 
 def kill_during_save(batch: int) -> None:
