@@ -106,6 +106,8 @@ class RankWatchdog(Callback):
         self._thread.join()
         self.me.state = how
         self._publish()
+        if how == "done" and self.me.rank == 0:
+            self._judge(time.monotonic())  # a stall that ended in the last second: say so
 
     def _publish(self) -> None:
         with self._lock:
@@ -161,7 +163,7 @@ class RankWatchdog(Callback):
             if beat.beat != old.beat.beat:
                 old.beat_at = now
             if beat.events != old.beat.events or beat.state != "training":
-                if old.stall_reported and beat.state == "training":
+                if old.stall_reported and beat.state != "stopped":
                     log.warning(
                         "%s moves again after %.0f s (%d steps done)",
                         peer_label(beat),
