@@ -86,12 +86,12 @@ def _check_kernel(cfg: RunConfig, device: str | None, precision: str | None) -> 
             "use compile.mode default or max-autotune-no-cudagraphs",
         )
     if precision == "fp32" and not k.fp32:
-        # Advice that works here: a CPU has no bf16 precision on offer, only other kernels.
-        fix = "use precision amp_bf16"
-        if device == "cpu":
-            fix = f"on CPU use one of: {', '.join(kernels_with('devices', ('cpu', 'gpu')))}"
+        # Advice that works on this machine, whichever it is: a CPU has no bf16 to switch to.
+        cpu = ", ".join(kernels_with("devices", ("cpu", "gpu")))
         raise ConfigError(
-            "model.attn_config.impl", f"{k.name!r} needs bf16/fp16 activations; {fix}"
+            "model.attn_config.impl",
+            f"{k.name!r} needs bf16/fp16 activations: on a GPU use precision amp_bf16, on a "
+            f"CPU one of: {cpu}",
         )
     if device != "cpu":
         return

@@ -222,7 +222,7 @@ def test_compiled_flex_on_cpu_is_refused_before_the_model_is_built(
     [
         ({"compile": {"enabled": True, "mode": "reduce-overhead"}}, "compile.mode", "CUDA graphs"),
         ({"precision": "fp32"}, "model.attn_config.impl", "needs bf16/fp16 activations"),
-        ({"device": "cpu"}, "model.attn_config.impl", "activations; on CPU use one of: "),
+        ({"device": "cpu"}, "model.attn_config.impl", "on a CPU one of: "),
     ],
 )
 def test_cudnn_attention_is_refused_before_the_model_is_built(
