@@ -96,11 +96,9 @@ def check_fp8_run(cfg: RunConfig) -> None:
                 f"fp8.enabled needs every block linear's dimensions divisible by {m}; "
                 f"blocks.*.{layer} is {n_in} x {n_out}",
             )
-    from mpt_train.config.schema import train_seq_len
-
-    seq = train_seq_len(cfg)
+    loader = "train_loader" if cfg.train_loader is not None else "finetune_loader"
+    seq = getattr(cfg, loader).dataset.max_seq_len
     if seq % m:
-        loader = "train_loader" if cfg.train_loader is not None else "finetune_loader"
         raise ConfigError(
             f"{loader}.dataset.max_seq_len",
             f"{seq} is not a multiple of {m}: with fp8.enabled the tokens of a micro batch are "
