@@ -27,6 +27,7 @@ RUN pip install --no-cache-dir ninja==1.11.1.4 packaging==25.0 wheel==0.45.1 \
 RUN pip install --no-cache-dir \
         torch==2.7.0 \
         torchvision==0.22.0 \
+        torchao==0.11.0 \
         mosaicml==0.32.1 \
         mosaicml-streaming==0.13.0 \
         numpy==2.1.3 \

@@ -5,26 +5,30 @@
 #      flash-attn-4 and torch >= 2.9 are installed) and SDPA with ALiBi folded into the heads
 #      (on each SDPA kernel) against SDPA's causal kernel (each checked against the reference
 #      first), the ratio ALiBi costs;
-#   2. the rows of the single-H100 table (yamls/benchmarks/h100.yaml) with the least recent
+#   2. the FP8 rows and the bf16 rows they are compared with (yamls/benchmarks/h100.yaml, when
+#      torchao is installed): the MPT-7B layer shape (8 layers) in bf16 and in FP8, MPT-1B in
+#      bf16 and in FP8; losses.txt compares each FP8 row's per-step losses with its bf16 row's
+#      and gives the tokens/s ratio;
+#   3. the rows of the single-H100 table (yamls/benchmarks/h100.yaml) with the least recent
 #      figures, through the real trainer: mpt-1b one micro batch per step (the anchor to
 #      compare runs by), the same on cuDNN's ALiBi kernel (impl cudnn, when its frontend is
 #      installed), the mpt-1b spec's global batch of 512 in micro batches of 8, 1b with every
 #      option off (its losses are compared with mpt-1b's);
-#   3. MPT-1B profiled (--profile): the kernels that take the time and the gaps where the GPU
+#   4. MPT-1B profiled (--profile): the kernels that take the time and the gaps where the GPU
 #      waits, with the host ops inside them;
-#   4. the rest of the table: 1b accumulating 8 (also on impl cudnn), the spec's global batch
+#   5. the rest of the table: 1b accumulating 8 (also on impl cudnn), the spec's global batch
 #      in micro batches of 8 on impl cudnn, the 1b spec as written, 1b with the step end beside
 #      the update, the 125m spec with every option and without (losses compared step by step),
 #      350m, 3b, 3b with activation checkpointing, 1b on folded SDPA, with larger batches, on
 #      SDPA's cuDNN kernel and on FlashAttention-4 (when installed); rows left when the time is
 #      spent are listed as not run;
-#   5. the GPU-only tests.
+#   6. the GPU-only tests.
 # OUT_DIR gets gpu.txt, attention.txt, profile.txt, table.txt, rows.json, losses.txt, tests.txt and logs/
 # (each row's whole output).
 set -uo pipefail
 out=${1:?usage: gpu_checks.sh OUT_DIR [SECONDS]}
 budget=${2:-540}
-tests_s=75  # kept back for step 5
+tests_s=75  # kept back for step 6
 [[ $budget =~ ^[0-9]+$ ]] || { echo "SECONDS must be a whole number, got '$budget'" >&2; exit 2; }
 end=$((SECONDS + budget))
 mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: the script runs from the repository root
@@ -42,7 +46,10 @@ python3 -c 'import torch, composer, streaming; print("torch", torch.__version__,
 
 # With flash-attn 4 installed and torch >= 2.9 (FlexAttention's BACKEND option), FlexAttention
 # can run on FlashAttention-4's CuTe kernels: time that too.
-fa4_opts=() fa4_rows=() cudnn_rows=() cudnn_rest=()
+fa4_opts=() fa4_rows=() cudnn_rows=() cudnn_rest=() fp8_rows=() fp8_rest=()
+if python3 -c 'import torchao.float8' 2>/dev/null; then  # the fp8 rows need torchao
+  fp8_rows=(mpt-7b-8l-fp8 mpt-1b-fp8) fp8_rest=(mpt-7b-8l-fp8-rowwise)
+fi
 if python3 -c 'import cudnn' 2>/dev/null; then  # impl cudnn needs the cuDNN frontend
   cudnn_rows=(mpt-1b-cudnn) cudnn_rest=(mpt-1b-accum8-cudnn mpt-1b-spec-mb8-cudnn)
 fi
@@ -62,7 +69,8 @@ table() {
     --budget-s $((left > 0 ? left : 0)) --json "$json" --logs "$out/logs" --record "$out/records" 2>&1 | tee -a "$out/table.txt"
 }
 : >"$out/table.txt"
-table "$out/rows-key.json" "$tests_s" mpt-1b ${cudnn_rows[@]+"${cudnn_rows[@]}"} mpt-1b-spec-mb8 \
+table "$out/rows-fp8.json" "$tests_s" mpt-7b-8l mpt-1b ${fp8_rows[@]+"${fp8_rows[@]}"}
+table "$out/rows-key.json" "$tests_s" ${cudnn_rows[@]+"${cudnn_rows[@]}"} mpt-1b-spec-mb8 \
   mpt-1b-plain
 
 # The profile gets at most 150 s and only what leaves the tests 60 s more; its Chrome trace
@@ -76,10 +84,11 @@ else
   echo "profile not run: the time budget was spent" | tee "$out/profile.txt"
 fi
 
-table "$out/rows-rest.json" "$tests_s" mpt-1b-accum8 ${cudnn_rest[@]+"${cudnn_rest[@]}"} \
+table "$out/rows-rest.json" "$tests_s" ${fp8_rest[@]+"${fp8_rest[@]}"} mpt-1b-accum8 \
+  ${cudnn_rest[@]+"${cudnn_rest[@]}"} \
   mpt-1b-spec mpt-1b-overlap mpt-125m mpt-125m-plain mpt-350m mpt-3b mpt-3b-ac mpt-1b-sdpa \
   mpt-1b-mb8 mpt-1b-mb10 mpt-1b-sdpa-cudnn ${fa4_rows[@]+"${fa4_rows[@]}"}
-python3 - "$out"/rows-key.json "$out"/rows-rest.json >"$out/rows.json" <<'PY'
+python3 - "$out"/rows-fp8.json "$out"/rows-key.json "$out"/rows-rest.json >"$out/rows.json" <<'PY'
 import json, sys
 rows = []
 for path in sys.argv[1:]:
@@ -89,12 +98,14 @@ for path in sys.argv[1:]:
         pass
 print(json.dumps(rows, indent=1))
 PY
-rm -f "$out"/rows-key.json "$out"/rows-rest.json
+rm -f "$out"/rows-fp8.json "$out"/rows-key.json "$out"/rows-rest.json
 
 python3 - "$out/rows.json" <<'PY' 2>&1 | tee "$out/losses.txt"
 import json, sys
 rows = {r["name"]: r["result"] for r in json.load(open(sys.argv[1]))}
-pairs = [("mpt-125m", "mpt-125m-plain"), ("mpt-1b", "mpt-1b-plain"), ("mpt-1b-cudnn", "mpt-1b"),
+pairs = [("mpt-7b-8l-fp8", "mpt-7b-8l"), ("mpt-1b-fp8", "mpt-1b"),
+         ("mpt-7b-8l-fp8-rowwise", "mpt-7b-8l"),
+         ("mpt-125m", "mpt-125m-plain"), ("mpt-1b", "mpt-1b-plain"), ("mpt-1b-cudnn", "mpt-1b"),
          ("mpt-1b-accum8-cudnn", "mpt-1b-accum8"), ("mpt-1b-spec-mb8-cudnn", "mpt-1b-spec-mb8")]
 for fast, base in pairs:
     a, b = rows.get(fast, {}).get("losses"), rows.get(base, {}).get("losses")
@@ -103,6 +114,10 @@ for fast, base in pairs:
         continue
     diff = max(abs(x - y) for x, y in zip(a, b))
     print(f"{fast} vs {base}, per-step loss (same seed, same batches); max |diff| {diff:.4f}")
+    if "-fp8" in fast:  # FP8 against bf16: relative loss after warm-up, and the speed-up
+        rel = max(abs(x - y) / y for x, y in list(zip(a, b))[4:]) if len(a) > 4 else float("nan")
+        speed = rows[fast]["tokens_per_sec"] / rows[base]["tokens_per_sec"]
+        print(f"  after step 4: max relative loss diff {100 * rel:.2f}%; tokens/s x{speed:.3f}")
     for step, (x, y) in enumerate(zip(a, b), 1):
         print(f"  step {step:2d}: {x:.4f} {y:.4f}")
 PY
@@ -111,7 +126,7 @@ left=$((end - SECONDS))
 if ((left > 20)); then
   timeout "$left" python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/model/test_backends.py \
     tests/model/test_cudnn_attention.py tests/train/test_perf_options.py \
-    tests/train/test_host_waits.py 2>&1 | tee "$out/tests.txt"
+    tests/train/test_host_waits.py tests/train/test_fp8.py 2>&1 | tee "$out/tests.txt"
 else
   echo "GPU tests not run: the time budget was spent" | tee "$out/tests.txt"
 fi

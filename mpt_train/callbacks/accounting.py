@@ -9,15 +9,15 @@ llm-foundry's MFU tables divide by. Prices are *defaults* for when a spec gives 
 on-demand cloud rates per GPU-hour. They are placeholders for your contract price
 (``cost.price_per_gpu_hour`` in the spec, ``--price`` on the scripts), not a quote.
 
-| GPU type    | peak bf16 TFLOP/s | default $/GPU-hour | why that price                       |
-|-------------|-------------------|--------------------|--------------------------------------|
-| a100_40gb   | 312               | 2.00               | MosaicML's MPT-7B figure ($2/h)      |
-| a100_80gb   | 312               | 2.50               | typical reserved A100-80GB rate      |
-| h100        | 989               | 3.00               | typical reserved H100 SXM rate       |
-| h100_pcie   | 756               | 2.50               | typical H100 PCIe rate (below SXM)   |
-| h100_nvl    | 835               | 2.75               | between the PCIe and SXM rates       |
-| h200        | 989               | 3.50               | typical reserved H200 rate           |
-| h200_nvl    | 835               | 3.25               | below the H200 SXM rate              |
+| GPU type    | peak bf16 TFLOP/s | peak fp8 TFLOP/s | default $/GPU-hour | why that price                       |
+|-------------|-------------------|------------------|--------------------|--------------------------------------|
+| a100_40gb   | 312               | (none)           | 2.00               | MosaicML's MPT-7B figure ($2/h)      |
+| a100_80gb   | 312               | (none)           | 2.50               | typical reserved A100-80GB rate      |
+| h100        | 989               | 1979             | 3.00               | typical reserved H100 SXM rate       |
+| h100_pcie   | 756               | 1513             | 2.50               | typical H100 PCIe rate (below SXM)   |
+| h100_nvl    | 835               | 1671             | 2.75               | between the PCIe and SXM rates       |
+| h200        | 989               | 1979             | 3.50               | typical reserved H200 rate           |
+| h200_nvl    | 835               | 1671             | 3.25               | below the H200 SXM rate              |
 
 ``h100`` and ``h200`` are the SXM parts. The H100 variants differ in clocks and power, so each
 has its own peak: NVIDIA's datasheets give 1,979 (SXM), 1,513 (PCIe) and 1,671 (NVL, per GPU of
@@ -25,6 +25,12 @@ the pair) sparse bf16 TFLOP/s, halved here for dense; H200 NVL is 1,671 too. Com
 SpeedMonitor uses the same SXM and PCIe figures (``h100-sxm``, ``h100-pcie``) and knows no NVL
 part, so its MFU is missing on NVL GPUs unless ``callbacks.speed_monitor.gpu_flops_available``
 is set.
+
+FP8 peaks are NVIDIA's datasheet FP8 tensor-core figures, halved the same way from the sparse
+ones: 3,958 (H100 SXM, H200 SXM), 3,026 (H100 PCIe; 1,513 dense), 3,341 (H100 NVL, H200 NVL).
+A100s have no FP8 tensor cores. MFU of a run with FP8 linears is still taken against the bf16
+peak, as for every run (tokens/s and MFU then compare directly across rows); the FP8 peak is
+reported beside it as a share (``throughput/device/fp8_peak_share``).
 
 MFU convention (llm-foundry's): a training step costs 3x its forward FLOPs (forward, backward
 for activations, backward for weights), i.e. ``6 * N * T + 12 * L * d_model * S * T`` with N all
@@ -66,6 +72,7 @@ class GPUSpec:
     peak_flops: float  # dense bf16 tensor-core FLOP/s
     price_per_hour: float  # default USD per GPU-hour
     memory_gb: int
+    fp8_peak_flops: float | None = None  # dense FP8 tensor-core FLOP/s; None: no FP8 cores
 
 
 GPU_TYPES: dict[str, GPUSpec] = {
@@ -73,11 +80,11 @@ GPU_TYPES: dict[str, GPUSpec] = {
     for spec in (
         GPUSpec("a100_40gb", 312e12, 2.00, 40),
         GPUSpec("a100_80gb", 312e12, 2.50, 80),
-        GPUSpec("h100", 989e12, 3.00, 80),  # SXM5
-        GPUSpec("h100_pcie", 756e12, 2.50, 80),
-        GPUSpec("h100_nvl", 835e12, 2.75, 94),
-        GPUSpec("h200", 989e12, 3.50, 141),  # SXM
-        GPUSpec("h200_nvl", 835e12, 3.25, 141),
+        GPUSpec("h100", 989e12, 3.00, 80, 1979e12),  # SXM5
+        GPUSpec("h100_pcie", 756e12, 2.50, 80, 1513e12),
+        GPUSpec("h100_nvl", 835e12, 2.75, 94, 1671e12),
+        GPUSpec("h200", 989e12, 3.50, 141, 1979e12),  # SXM
+        GPUSpec("h200_nvl", 835e12, 3.25, 141, 1671e12),
     )
 }
 

@@ -11,6 +11,10 @@ Such callbacks report what they spent as a float attribute ``eval_seconds`` (cum
 session). :class:`TrainSpeedMonitor` takes those seconds off the training clock before
 Composer's arithmetic and adds them to ``time/val``; the total is kept in checkpoints, so a
 resumed run goes on subtracting what earlier sessions spent.
+
+With FP8 linears MFU stays against the dense bf16 peak (one convention for every run, so MFU
+and tokens/s compare directly); ``throughput/device/fp8_peak_share`` adds the same FLOP/s as a
+share of the GPU's dense FP8 peak, the ceiling the FP8 matmuls run against.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from composer.loggers import Logger
 
 from mpt_train.train.host_reads import beside_the_update
 
-__all__ = ["TrainSpeedMonitor", "in_batch_eval_seconds"]
+__all__ = ["FP8_SHARE_KEY", "TrainSpeedMonitor", "in_batch_eval_seconds"]
+
+FP8_SHARE_KEY = "throughput/device/fp8_peak_share"
 
 
 def in_batch_eval_seconds(state: State) -> float:
@@ -32,12 +38,30 @@ def in_batch_eval_seconds(state: State) -> float:
     return sum(float(getattr(cb, "eval_seconds", 0.0)) for cb in state.callbacks)
 
 
+class _WithFp8Share:
+    """A logger that adds the FP8-peak share next to each MFU it passes on."""
+
+    def __init__(self, logger: Logger, ratio: float) -> None:
+        self._logger = logger
+        self._ratio = ratio  # bf16 peak / FP8 peak
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if "throughput/device/mfu" in metrics:
+            metrics = {**metrics, FP8_SHARE_KEY: metrics["throughput/device/mfu"] * self._ratio}
+        self._logger.log_metrics(metrics, step)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger, name)
+
+
 class TrainSpeedMonitor(SpeedMonitor):
     """:class:`composer.callbacks.SpeedMonitor` whose training clock leaves out in-batch
-    evaluation. Same arguments, same metrics."""
+    evaluation. Same arguments and metrics, plus ``fp8_peak_flops`` (the GPU's dense FP8
+    peak, for runs with FP8 linears): also log the FP8-peak share."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fp8_peak_flops: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.fp8_peak_flops = fp8_peak_flops
         #: In-batch eval seconds on the trainer's clock so far (all sessions of the run).
         self.in_batch_eval_wct = 0.0
         self._reported = 0.0  # this session's callbacks' total at the last batch start
@@ -60,6 +84,8 @@ class TrainSpeedMonitor(SpeedMonitor):
             self.total_eval_wct += new
 
     def batch_end(self, state: State, logger: Logger) -> None:
+        if self.fp8_peak_flops and self.gpu_flops_available:
+            logger = _WithFp8Share(logger, self.gpu_flops_available / self.fp8_peak_flops)
         # Composer's batch_end copies this rank's FLOPs up, all-reduces and reads them back:
         # beside the update, that read does not wait for the optimizer step.
         if self.in_batch_eval_wct <= 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mpt_train.config.fp8 import Fp8Config, check_fp8_run
 from mpt_train.data.config import EvalLoaderConfig, TextLoaderConfig
 from mpt_train.data.finetune import FinetuneLoaderConfig
 from mpt_train.errors import ConfigError, check_choice
@@ -24,6 +25,7 @@ __all__ = [
     "CompileConfig",
     "CostConfig",
     "FSDPConfig",
+    "Fp8Config",
     "GradientClippingConfig",
     "JsonlLoggerConfig",
     "LoggersConfig",
@@ -341,6 +343,8 @@ class RunConfig:
     precision: str = "auto"
     fsdp: FSDPConfig | None = field(default_factory=FSDPConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
+    # FP8 matmuls in the blocks' linear layers (torchao float8; mpt_train.train.fp8).
+    fp8: Fp8Config = field(default_factory=Fp8Config)
     loss: LossConfig = field(default_factory=LossConfig)
     # GPU: read the step's loss on a side stream, so the between-step host work overlaps the
     # optimizer update instead of waiting for it (mpt_train.train.trainer.MPTTrainer).
@@ -392,6 +396,7 @@ class RunConfig:
         if self.eval_loader is not None and "eval" in self.eval_loaders:
             raise ConfigError("eval_loaders.eval", "the label 'eval' is taken by eval_loader")
         self._check_retention()
+        check_fp8_run(self)
 
     def _check_retention(self) -> None:
         keep = self.save_num_checkpoints_to_keep

@@ -39,6 +39,8 @@ def format_line(step: int, total: int | None, m: dict[str, float]) -> str:
         parts.append(f"tok/s {_num(m['throughput/tokens_per_sec'])}")
     if "throughput/device/mfu" in m:
         parts.append(f"mfu {100 * m['throughput/device/mfu']:.1f}%")
+    if "throughput/device/fp8_peak_share" in m:
+        parts.append(f"(fp8 peak {100 * m['throughput/device/fp8_peak_share']:.1f}%)")
     if "cost/usd" in m:
         parts.append(f"${m['cost/usd']:.2f}")
     eta = m.get("time/remaining_estimate")

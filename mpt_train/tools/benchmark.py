@@ -294,6 +294,8 @@ def run_benchmark(
         state = trainer.state
         world = dist.get_world_size()
         precision = str(state.precision.value)
+        if cfg.fp8.enabled:  # the matmuls of the blocks' linears run in FP8 under that
+            precision += f"+fp8-{cfg.fp8.recipe}"
     finally:
         trainer.close()
     marks = timer.marks[:steps]  # the profiled steps after them are not timed

@@ -45,6 +45,12 @@ from mpt_train.train.callbacks import build_callbacks, build_loggers
 from mpt_train.train.clipping import build_gradient_clipping
 from mpt_train.train.composer_model import ComposerMPT
 from mpt_train.train.data import build_data, load_run_tokenizer
+from mpt_train.train.fp8 import (
+    Float8ScalePrecompute,
+    apply_run_fp8,
+    check_fp8_device,
+    check_fp8_replication,
+)
 from mpt_train.train.gloo_average import GlooGradientAverage
 from mpt_train.train.optim import build_optimizer, build_scheduler
 from mpt_train.train.parallel import apply_unsharded_settings, parallelism_config
@@ -124,6 +130,8 @@ def check_run(cfg: RunConfig) -> RunPlan:
     schedule_note = check_spec(cfg, world, device)
     precision = resolve_precision(cfg, device)
     check_machine(cfg)
+    if cfg.fp8.enabled:
+        check_fp8_device(cfg.fp8, device)
     # botocore's default (3 tries in ~2 s) turns a short S3 hiccup into a failed run; set the
     # retry budget before anything (write probe, dataset index) talks to a bucket.
     os.environ.setdefault("AWS_MAX_ATTEMPTS", str(cfg.reliability.s3_max_attempts))
@@ -157,6 +165,7 @@ def check_run(cfg: RunConfig) -> RunPlan:
 def build_run_model(run: RunPlan, parallelism: dict[str, Any] | None) -> ComposerMPT:
     """Step 2: the network (on meta, this rank's GPU or the host), compiled, wrapped for Composer."""
     cfg, model_cfg = run.cfg, run.cfg.model
+    check_fp8_replication(cfg.fp8, cfg.compile.enabled, parallelism is not None, run.world)
     if model_cfg.init_device == "meta" and parallelism and run.device == "gpu":
         # FSDP shards the meta model, then Composer materialises each shard with this function.
         model = build_model(model_cfg, device="meta")
@@ -169,6 +178,8 @@ def build_run_model(run: RunPlan, parallelism: dict[str, Any] | None) -> Compose
         model = build_model(model_cfg, device="cpu")
     model.fsdp_wrap_fn = lambda module: isinstance(module, MPTBlock)
     model.activation_checkpointing_fn = lambda module: isinstance(module, MPTBlock)
+    if cfg.fp8.enabled:  # before FSDP2 (in the Trainer) and torch.compile wrap the blocks
+        apply_run_fp8(cfg, model.blocks, run.device, sharded=parallelism is not None)
     if cfg.compile.enabled:
         compiled = [*model.blocks, model.loss_head] if cfg.compile.loss else model.blocks
         for module in compiled:
@@ -201,6 +212,8 @@ def build_optimizer_and_callbacks(
     callbacks = list(run.callbacks)
     if parallelism is not None and run.device == "cpu":
         callbacks.append(GlooGradientAverage())
+    if parallelism is not None and cfg.fp8.float8_all_gather:
+        callbacks.append(Float8ScalePrecompute())
     callbacks += build_callbacks(cfg, run.spec, run.run_dir)
     callbacks += reliability_callbacks(cfg.reliability, cfg.save_folder, run.run_dir, run.spec)
     if cfg.icl_tasks:

@@ -56,9 +56,15 @@ def build_callbacks(cfg: RunConfig, spec: dict[str, Any], run_dir: Path) -> list
     peak = cc.speed_monitor.gpu_flops_available if cc.speed_monitor is not None else None
     if peak is None and gpu_type is not None:
         peak = get_gpu(gpu_type).peak_flops
+    # FP8 linears: MFU stays against the bf16 peak; the FP8 peak's share is logged beside it.
+    fp8_peak = get_gpu(gpu_type).fp8_peak_flops if cfg.fp8.enabled and gpu_type else None
     if cc.speed_monitor is not None:
         out.append(
-            TrainSpeedMonitor(window_size=cc.speed_monitor.window_size, gpu_flops_available=peak)
+            TrainSpeedMonitor(
+                window_size=cc.speed_monitor.window_size,
+                gpu_flops_available=peak,
+                fp8_peak_flops=fp8_peak,
+            )
         )
     if cc.lr_monitor:
         out.append(LRMonitor())

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mpt_train.callbacks import CostMonitor, TrainSpeedMonitor
 from mpt_train.callbacks.accounting import get_gpu
+from mpt_train.callbacks.speed_monitor import FP8_SHARE_KEY
 from mpt_train.config import load_config_dict
 from mpt_train.train.builder import build_trainer
 from tests.train.conftest import tiny_spec
@@ -106,4 +107,41 @@ def test_both_monitors_take_the_peak_of_the_named_gpu(
     [speed] = [c for c in trainer.state.callbacks if isinstance(c, TrainSpeedMonitor)]
     [cost] = [c for c in trainer.state.callbacks if isinstance(c, CostMonitor)]
     assert speed.gpu_flops_available == cost.peak_flops == get_gpu(gpu_type).peak_flops
+    trainer.close()
+
+
+def test_fp8_runs_log_mfu_against_bf16_and_the_fp8_peak_share_beside_it() -> None:
+    """One MFU convention for every run; the FP8 share is the same FLOP/s over the FP8 peak."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    model = ComposerClassifier(torch.nn.Linear(4, 2), num_classes=2)
+    model.flops_per_batch = lambda batch: 1.0e6
+    mem = InMemoryLogger()
+    monitor = TrainSpeedMonitor(window_size=1, gpu_flops_available=1.0e9, fp8_peak_flops=2.0e9)
+    Trainer(
+        model=model,
+        optimizers=torch.optim.SGD(model.parameters(), lr=0.1),
+        train_dataloader=DataLoader(data, batch_size=4),
+        max_duration="4ba",
+        callbacks=[monitor],
+        loggers=[mem],
+        device="cpu",
+        progress_bar=False,
+        log_to_console=False,
+    ).fit()
+    mfu = [v for _, v in mem.data["throughput/device/mfu"]]
+    share = [v for _, v in mem.data[FP8_SHARE_KEY]]
+    assert len(mfu) == len(share) == 3 and all(m > 0 for m in mfu)
+    assert share == pytest.approx([m / 2 for m in mfu])
+
+
+def test_an_fp8_spec_takes_both_peaks_of_the_named_gpu(
+    sweep_mds: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = tiny_spec(sweep_mds, cost={"gpu_type": "h100"}, fp8={"enabled": True})
+    spec["callbacks"]["speed_monitor"].pop("gpu_flops_available")
+    trainer = build_trainer(load_config_dict(spec))
+    [speed] = [c for c in trainer.state.callbacks if isinstance(c, TrainSpeedMonitor)]
+    assert (speed.gpu_flops_available, speed.fp8_peak_flops) == (989e12, 1979e12)
     trainer.close()

@@ -327,3 +327,29 @@ def test_idle_gaps_name_the_kernels_around_them_and_the_host_work_inside() -> No
     assert "1.1 ms/step (55% of the step), 2 gaps" in first
     assert "adamw_kernel -> embedding_kernel" in largest and "aten::copy_ 0.20" in largest
     assert "host ops 0.00 ms/step: inside enumerate(DataLoader)#" in second
+
+
+@pytest.mark.parametrize(
+    ("table", "pairs"),
+    [
+        ("h100", [("mpt-7b-8l-fp8", "mpt-7b-8l"), ("mpt-7b-8l-fp8-rowwise", "mpt-7b-8l"),
+                  ("mpt-1b-fp8", "mpt-1b")]),
+        ("h200", [("mpt-7b-ac-fp8", "mpt-7b-ac")]),
+    ],
+)  # fmt: skip
+def test_fp8_rows_are_their_bf16_row_with_fp8_on(table: str, pairs: list[tuple[str, str]]) -> None:
+    """Each FP8 row times the same model, batch and options as the row it is compared with."""
+    from dataclasses import replace
+
+    from mpt_train.config import load_config
+    from mpt_train.tools.benchmark_table import load_table
+
+    rows = {r.name: r for r in load_table(REPO / f"yamls/benchmarks/{table}.yaml").rows}
+    for fp8_name, base_name in pairs:
+        fp8, base = (
+            load_config(REPO / rows[n].spec, rows[n].overrides) for n in (fp8_name, base_name)
+        )
+        assert fp8.fp8.enabled and not base.fp8.enabled
+        assert replace(fp8, fp8=base.fp8) == base, fp8_name
+    h7 = load_config(REPO / rows[pairs[0][1]].spec, rows[pairs[0][1]].overrides).model
+    assert (h7.d_model, h7.n_heads) == (4096, 32)  # the MPT-7B layer shape
