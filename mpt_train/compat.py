@@ -149,6 +149,15 @@ class StackInfo:
         return {k: getattr(self, k) for k in keys}
 
 
+def _cudnn_version(number: int | None) -> str | None:
+    """cuDNN's version number as text: 9 counts 91900 for 9.19.0, 8 counts 8902 for 8.9.2."""
+    if not number:
+        return None
+    if number >= 90000:
+        return f"{number // 10000}.{number // 100 % 100}.{number % 100}"
+    return f"{number // 1000}.{number // 100 % 10}.{number % 100}"
+
+
 def matching_stack(stacks_dir: Path = STACKS_DIR) -> tuple[str | None, list[str]]:
     """(the named stack whose core pins equal the installed versions, differences per stack).
 
@@ -180,7 +189,7 @@ def installed_stack(stacks_dir: Path = STACKS_DIR) -> StackInfo:
     cuda = cudnn = gpu = None
     if torch.cuda.is_available():
         cuda = torch.version.cuda
-        cudnn = str(torch.backends.cudnn.version())
+        cudnn = _cudnn_version(torch.backends.cudnn.version())
         gpu = torch.cuda.get_device_name()
     name, _ = matching_stack(stacks_dir)
     return StackInfo(
@@ -201,9 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="The installed stack and the one it matches.")
     parser.add_argument("--stack", action="store_true", help="print the stack (the default)")
     parser.add_argument("--json", action="store_true", help="the record's stack object")
+    parser.add_argument("--name", action="store_true", help="the matching stack's name only")
     parser.add_argument("--stacks-dir", type=Path, default=STACKS_DIR)
     args = parser.parse_args(argv)
     info = installed_stack(args.stacks_dir)
+    if args.name:  # nothing, and exit status 1, when no named stack matches
+        print(info.name or "")
+        return 0 if info.name else 1
     if args.json:
         print(json.dumps(info.record(), sort_keys=True))
         return 0

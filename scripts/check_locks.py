@@ -2,8 +2,8 @@
 
 ``stacks/pinned.txt`` and ``stacks/current.txt`` are ``uv pip compile`` outputs (the current one
 with ``stacks/current-overrides.txt``). A lock is in sync when re-resolving it, with its own
-versions as preferences (uv keeps a locked version wherever it still fits), changes nothing:
-a pin added, removed or changed in pyproject.toml or the overrides then shows as a diff. Also
+versions as preferences (uv keeps a locked version wherever it still fits), changes nothing
+(uv's cache is asked first, the registry only when the cache cannot answer): a pin added, removed or changed in pyproject.toml or the overrides then shows as a diff. Also
 checked without the resolver: each stack's direct pins (``==`` in pyproject.toml, replaced by
 the overrides for ``current``) are the versions locked. Fix a failure with ``make lock``.
 
@@ -85,10 +85,12 @@ def check_resolution(uv: str, root: Path = ROOT) -> list[str]:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / lock.name
             shutil.copy(lock, out)  # the old lock's versions are the resolver's preferences
-            run = subprocess.run(
-                [uv, *COMPILE, *extra, "-o", str(out), "--no-header"],
-                cwd=root, capture_output=True, text=True, check=False,
-            )  # fmt: skip
+            cmd = [uv, *COMPILE, *extra, "-o", str(out), "--no-header"]
+            # From uv's cache first (seconds; an installed stack has filled it); the registry
+            # only when the cache cannot answer (a new package or version).
+            run = subprocess.run([*cmd, "--offline"], cwd=root, capture_output=True, text=True)
+            if run.returncode:
+                run = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=False)
             if run.returncode:
                 problems.append(f"stacks/{stack}.txt: uv pip compile failed: {run.stderr.strip()}")
                 continue

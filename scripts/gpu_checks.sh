@@ -40,6 +40,10 @@ fi
 # The stack first: every figure below was measured on it. stack.json is the records' "stack".
 python3 -m mpt_train.compat --stack | tee "$out/gpu.txt"
 python3 -m mpt_train.compat --json > "$out/stack.json"
+# Records written below name the stack matched here (unless the caller names one).
+if [[ -z ${MPT_TRAIN_STACK:-} ]] && name=$(python3 -m mpt_train.compat --name); then
+  export MPT_TRAIN_STACK=$name
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$out/gpu.txt"
 
 # With flash-attn 4 installed and torch >= 2.9 (FlexAttention's BACKEND option), FlexAttention

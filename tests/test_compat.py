@@ -175,3 +175,13 @@ def test_a_pin_changed_in_pyproject_is_caught_without_the_resolver(
     problems = lock_checker.check_pins(tmp_path)
     assert "stacks/pinned.txt: wandb is 0.28.2, expected 0.28.1" in problems
     assert "stacks/current.txt: wandb is 0.28.2, expected 0.28.1" in problems
+
+
+@pytest.mark.parametrize(("number", "text"), [(91900, "9.19.0"), (90501, "9.5.1"), (8902, "8.9.2")])
+def test_cudnn_versions_read_as_released(number: int, text: str) -> None:
+    assert compat._cudnn_version(number) == text
+
+
+def test_name_flag_prints_the_matching_stack(capsys) -> None:
+    assert compat.main(["--name"]) == 0
+    assert capsys.readouterr().out.strip() == compat.matching_stack()[0]
