@@ -37,6 +37,7 @@ __all__ = [
     "main",
     "matching_stack",
     "missing_private_attributes",
+    "missing_torch_arguments",
     "read_lock",
     "torch_version",
 ]
@@ -47,8 +48,8 @@ STACK_NAMES = ("pinned", "current")
 # when these are equal (the rest of the lock only changes how the run is set up).
 CORE_PACKAGES = ("torch", "mosaicml", "mosaicml-streaming")
 
-# Private attributes of Composer and streaming that mpt-train reads, wraps or overrides, by
-# "module:Class". Methods are checked on the class; names set in ``__init__`` or at iteration
+# Private attributes of Composer, streaming and torch that mpt-train reads, wraps or overrides,
+# by "module:Class" (or "module" for its functions). Methods are checked on the class; names set in ``__init__`` or at iteration
 # are checked on real instances by the test.
 PRIVATE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     # train/builder.py MPTTrainer: the step end beside the update, and no closures.
@@ -71,10 +72,17 @@ PRIVATE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
         "_prepare_thread",
         "_ready_thread",
         "_event",  # set when iteration starts
+        "_shard_states",  # set in __init__: a shard whose hash failed is marked remote again
     ),
+    "streaming.base.dataset": ("_ShardState",),
+    # export/checkpoint.py: reads chosen keys of a sharded (DCP) checkpoint without a process
+    # group.
+    "torch.distributed.checkpoint.state_dict_loader": ("_load_state_dict_from_keys",),
 }
 # Names above that exist only on instances (the test builds one of each to check them).
-INSTANCE_ATTRIBUTES = frozenset({"_symlink_upload_wait_before_next_try_in_seconds", "_event"})
+INSTANCE_ATTRIBUTES = frozenset(
+    {"_symlink_upload_wait_before_next_try_in_seconds", "_event", "_shard_states"}
+)
 
 
 def _major_minor(text: str) -> tuple[int, int]:
@@ -91,9 +99,40 @@ def torch_version() -> tuple[int, int]:
     return _major_minor(torch.__version__)
 
 
-def _class(path: str) -> type:
+# Arguments mpt-train passes by name to torch APIs whose signatures moved between releases
+# (FlexAttention's masks, FSDP2's hooks): "module:Object[.method]" -> names.
+TORCH_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "torch.nn.attention.flex_attention:create_block_mask": (
+        "mask_mod", "B", "H", "Q_LEN", "KV_LEN", "device",
+    ),
+    "torch.nn.attention.flex_attention:BlockMask.from_kv_blocks": (
+        "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "BLOCK_SIZE",
+        "mask_mod", "seq_lengths",
+    ),
+    "torch.nn.attention.flex_attention:flex_attention": (
+        "score_mod", "block_mask", "scale", "enable_gqa", "kernel_options",
+    ),
+    "torch.distributed.fsdp:FSDPModule.set_all_reduce_hook": ("hook",),
+}  # fmt: skip
+
+
+def _class(path: str) -> object:
     module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
+    obj: object = importlib.import_module(module)
+    for part in filter(None, name.split(".")):
+        obj = getattr(obj, part)
+    return obj
+
+
+def missing_torch_arguments() -> list[str]:
+    """``module:Object(name)`` for each listed argument the installed torch does not take."""
+    import inspect
+
+    missing = []
+    for path, names in TORCH_ARGUMENTS.items():
+        params = inspect.signature(_class(path)).parameters  # type: ignore[arg-type]
+        missing += [f"{path}({n})" for n in names if n not in params]
+    return missing
 
 
 def missing_private_attributes() -> list[str]:

@@ -28,8 +28,9 @@ NOT_COMPOSER_OR_STREAMING = {
 
 
 def _private_names_used() -> set[str]:
-    """Private attributes mpt_train reaches on objects other than its own ``self``/``cls``:
-    ``obj._x``, ``super()._x`` and ``getattr(obj, "_x")``."""
+    """Private attributes mpt_train reaches on objects other than its own ``self``/``cls``
+    (a subclass's ``self._x`` of its Composer/streaming base is listed by hand):
+    ``obj._x``, ``super()._x``, ``getattr(obj, "_x")`` and ``from lib import _x``."""
     names: set[str] = set()
     for path in (REPO / "mpt_train").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -37,6 +38,10 @@ def _private_names_used() -> set[str]:
                 own = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
                 if not own:
                     names.add(node.attr)
+            elif isinstance(node, ast.ImportFrom) and not (node.module or "").startswith(
+                ("mpt_train", "tests")
+            ):
+                names |= {a.name for a in node.names if _is_private(a.name)}
             elif (
                 isinstance(node, ast.Call)
                 and isinstance(node.func, ast.Name)
@@ -70,12 +75,21 @@ def test_listed_instance_attributes_exist(tmp_path: Path) -> None:
         for i in range(4):
             writer.write({"x": i})
     dataset = StreamingDataset(local=str(tmp_path / "mds"), batch_size=1, shuffle=False)
+    assert hasattr(dataset, "_shard_states")
     assert sorted(int(s["x"]) for s in dataset) == [0, 1, 2, 3]
     assert hasattr(dataset, "_event")
     listed_on_instances = {
         n for names in compat.PRIVATE_ATTRIBUTES.values() for n in names
     } & compat.INSTANCE_ATTRIBUTES
-    assert listed_on_instances == {"_symlink_upload_wait_before_next_try_in_seconds", "_event"}
+    assert listed_on_instances == {
+        "_symlink_upload_wait_before_next_try_in_seconds",
+        "_event",
+        "_shard_states",
+    }
+
+
+def test_torch_apis_take_the_arguments_passed_by_name() -> None:
+    assert compat.missing_torch_arguments() == []
 
 
 def test_overridden_trainer_methods_keep_their_arguments() -> None:
