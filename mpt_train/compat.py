@@ -7,7 +7,7 @@ so everything that depends on a version, or on a private attribute of Composer o
 is listed here: a new release then breaks ``tests/test_compat.py`` instead of a training run.
 
 Where behaviour differs by torch version, the code asks the installed torch
-(:func:`torch_version`; gloo's ``AVG`` reduction is probed at run time by
+(:func:`torch_version`, :func:`flex_attention_trains_on_cpu`; gloo's ``AVG`` reduction is probed at run time by
 :func:`mpt_train.train.gloo_average.reduce_scatter_avg_overcount`).
 
 ``python -m mpt_train.compat --stack`` prints the installed stack and the named stack it
@@ -17,6 +17,7 @@ matches; GPU figures are recorded with it (``scripts/gpu_checks.sh``).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import logging
@@ -33,6 +34,7 @@ __all__ = [
     "PRIVATE_ATTRIBUTES",
     "STACKS_DIR",
     "StackInfo",
+    "flex_attention_trains_on_cpu",
     "installed_stack",
     "main",
     "matching_stack",
@@ -114,6 +116,28 @@ TORCH_ARGUMENTS: dict[str, tuple[str, ...]] = {
     ),
     "torch.distributed.fsdp:FSDPModule.set_all_reduce_hook": ("hook",),
 }  # fmt: skip
+
+
+@functools.cache
+def flex_attention_trains_on_cpu() -> bool:
+    """Whether the installed torch runs FlexAttention's backward on CPU tensors.
+
+    torch 2.7 runs it (eagerly, unfused); torch 2.11 refuses any CPU input that needs a
+    gradient (``NotImplementedError``), so on such a torch FlexAttention trains on GPUs only.
+    Asked once per process with a one-block call.
+    """
+    import torch
+
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError:
+        return False
+    q = torch.zeros(1, 1, 16, 8, requires_grad=True)
+    try:
+        flex_attention(q, q, q).sum().backward()
+    except NotImplementedError:
+        return False
+    return True
 
 
 def _class(path: str) -> object:
