@@ -80,6 +80,10 @@ PRIVATE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     # export/checkpoint.py: reads chosen keys of a sharded (DCP) checkpoint without a process
     # group.
     "torch.distributed.checkpoint.state_dict_loader": ("_load_state_dict_from_keys",),
+    # train/gloo_average.py: on a torch without FSDP2's force-sum switch (2.7), gloo groups get
+    # FSDP2's divide factors wrapped so that a sum is divided once.
+    "torch.distributed.fsdp._fully_shard": ("_fsdp_collectives",),
+    "torch.distributed.fsdp._fully_shard._fsdp_collectives": ("_get_gradient_divide_factors",),
 }
 # Names above that exist only on instances (the test builds one of each to check them).
 INSTANCE_ATTRIBUTES = frozenset(

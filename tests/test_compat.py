@@ -16,7 +16,8 @@ from mpt_train import compat
 from tests.helpers import REPO
 
 # Private names the code reads that belong to itself or to libraries outside the stacks'
-# version question (torch's dynamo registry, omegaconf's nodes, numpy's pickle reconstructor).
+# version question (torch's dynamo registry, omegaconf's nodes, numpy's pickle reconstructor,
+# the standard library's).
 NOT_COMPOSER_OR_STREAMING = {
     "_is_residual",  # mpt_train's own marker on output projections
     "_dynamo",
@@ -24,6 +25,8 @@ NOT_COMPOSER_OR_STREAMING = {
     "_is_interpolation",
     "_core",
     "_reconstruct",
+    "_current_frames",  # sys: the main thread's frame for the hang report
+    "_exit",  # os: the watchdog's exit without cleanup
 }
 
 
