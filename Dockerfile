@@ -1,47 +1,50 @@
-# mpt-train GPU image: the pinned stack of pyproject.toml on PyTorch 2.7.0 / CUDA 12.6, with
-# flash-attn compiled for Ampere (A100, sm80) and Hopper (H100/H200, sm90).
+# mpt-train GPU image, on either named stack (docs/development.md, "Stacks"):
+#   STACK=pinned  (default) Composer's declared set: PyTorch 2.7.0 / CUDA 12.6, with flash-attn
+#                 compiled for Ampere (A100, sm80) and Hopper (H100/H200, sm90);
+#   STACK=current PyTorch 2.11.0 / CUDA 13.0 with Composer 0.32.1 over its torch bound: the
+#                 stack the published GPU figures were measured on (FlexAttention and cuDNN
+#                 attention; flash-attn 2.7.4 is not built for it).
+# Both install their lock file, stacks/$STACK.txt, with uv over the base image's torch.
 #
 #   docker build -t mpt-train .                      # flash-attn compiles: ~20-40 min, 16+ cores
+#   docker build --build-arg STACK=current -t mpt-train:current .
 #   docker run --gpus all --ipc=host -v /data:/data mpt-train \
 #       -n 8 train.py yamls/mpt-125m.yaml variables.data_remote=/data/mds
 #   docker run --gpus all --ipc=host --network=host mpt-train \
 #       --world_size 16 --node_rank 0 --master_addr host0 --master_port 29500 -n 8 \
 #       train.py yamls/mpt-7b.yaml                   # one container per node
 #
-# Keep every pin equal to pyproject.toml's: `make lint` (scripts/lint_dockerfile.py) checks it.
-FROM pytorch/pytorch:2.7.0-cuda12.6-cudnn9-devel
+# Each stack's base image carries its lock's torch, and every pin of pyproject.toml is in both
+# locks: `make lint` (scripts/lint_dockerfile.py, scripts/check_locks.py) checks it.
+ARG STACK=pinned
 
+FROM pytorch/pytorch:2.7.0-cuda12.6-cudnn9-devel AS base-pinned
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONUNBUFFERED=1 \
-    TORCH_CUDA_ARCH_LIST="8.0;9.0" \
+ENV TORCH_CUDA_ARCH_LIST="8.0;9.0" \
     MAX_JOBS=8
-
 # flash-attn first: the slowest layer, it changes only with torch or its own pin. It builds
 # against the image's torch (no build isolation); MAX_JOBS bounds the compiler's memory use.
 RUN pip install --no-cache-dir ninja==1.11.1.4 packaging==25.0 wheel==0.45.1 \
     && pip install --no-cache-dir --no-build-isolation flash-attn==2.7.4.post1
 
-# The runtime stack, pinned as in pyproject.toml (torch and torchvision are the image's own).
-RUN pip install --no-cache-dir \
-        torch==2.7.0 \
-        torchvision==0.22.0 \
-        torchao==0.11.0 \
-        mosaicml==0.32.1 \
-        mosaicml-streaming==0.13.0 \
-        numpy==2.1.3 \
-        transformers==4.57.6 \
-        "tokenizers>=0.21,<0.23" \
-        "safetensors>=0.4" \
-        omegaconf==2.4.0 \
-        wandb==0.28.2 \
-        "tqdm>=4.66" \
-        "datasets>=3" \
-        "matplotlib>=3.8" \
+FROM pytorch/pytorch:2.11.0-cuda13.0-cudnn9-devel AS base-current
+
+# The stage the build argument names (BuildKit builds only the stages it needs).
+# hadolint ignore=DL3006
+FROM base-${STACK}
+ARG STACK
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1
+
+# The runtime stack: the lock, exactly (it holds every transitive pin, so nothing else is
+# resolved; torch is the image's own, which the lock's torch pin matches).
+WORKDIR /workspace/mpt-train
+COPY stacks ./stacks
+RUN pip install --no-cache-dir uv==0.13.8 \
+    && uv pip install --system --no-cache --no-deps -r "stacks/${STACK}.txt" \
         nvidia-cudnn-frontend==1.16.0
 
-WORKDIR /workspace/mpt-train
 COPY --chown=1000:1000 pyproject.toml README.md train.py ./
 COPY --chown=1000:1000 mpt_train ./mpt_train
 COPY --chown=1000:1000 yamls ./yamls

@@ -23,7 +23,8 @@
 #      SDPA's cuDNN kernel and on FlashAttention-4 (when installed); rows left when the time is
 #      spent are listed as not run;
 #   6. the GPU-only tests.
-# OUT_DIR gets gpu.txt, attention.txt, profile.txt, table.txt, rows.json, losses.txt, tests.txt and logs/
+# OUT_DIR gets gpu.txt (the stack: torch, Composer, streaming, CUDA, cuDNN, GPU, and the named
+# stack it matches, or none), stack.json, attention.txt, profile.txt, table.txt, rows.json, losses.txt, tests.txt and logs/
 # (each row's whole output).
 set -uo pipefail
 out=${1:?usage: gpu_checks.sh OUT_DIR [SECONDS]}
@@ -40,9 +41,14 @@ if ! python3 -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; th
   echo "gpu_checks.sh: no CUDA GPU visible to torch here; these checks need one" >&2
   exit 2
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python3 -c 'import torch, composer, streaming; print("torch", torch.__version__,
-    "composer", composer.__version__, "streaming", streaming.__version__)' | tee -a "$out/gpu.txt"
+# The stack first: every figure below was measured on it. stack.json is the records' "stack".
+python3 -m mpt_train.compat --stack | tee "$out/gpu.txt"
+python3 -m mpt_train.compat --json > "$out/stack.json"
+# Records written below name the stack matched here (unless the caller names one).
+if [[ -z ${MPT_TRAIN_STACK:-} ]] && name=$(python3 -m mpt_train.compat --name); then
+  export MPT_TRAIN_STACK=$name
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$out/gpu.txt"
 
 # With flash-attn 4 installed and torch >= 2.9 (FlexAttention's BACKEND option), FlexAttention
 # can run on FlashAttention-4's CuTe kernels: time that too.

@@ -7,10 +7,13 @@ the image must install exactly the versions ``pyproject.toml`` pins, or the imag
 a stack the tests never saw.
 
 Own checks: base images pinned to a tag (never ``latest``) or a digest; the PyTorch base's torch
-version equals the torch pin; every ``pip install`` uses ``--no-cache-dir`` and pins what it
-names; every pin of ``pyproject.toml`` (dependencies and the ``gpu`` extra) appears with the
-same specifier; the image ends as a non-root user (or a ``# root:`` comment says why); it
-has an ENTRYPOINT that runs Composer's launcher; flash-attn is built for the target GPUs.
+version equals the torch pin (of the stack's lock for a ``base-<stack>`` stage, of
+``pyproject.toml`` otherwise); every ``pip install`` uses ``--no-cache-dir`` (``uv pip
+install``: ``--no-cache``) and pins what it names; every pin of ``pyproject.toml``
+(dependencies and the ``gpu`` extra) appears with the same specifier, or is in the stack lock
+files the image installs (``-r stacks/...``), which must hold it (``scripts/check_locks.py``);
+the image ends as a non-root user (or a ``# root:`` comment says why); it has an ENTRYPOINT
+that runs Composer's launcher; flash-attn is built for the target GPUs.
 
 Usage: ``python scripts/lint_dockerfile.py [Dockerfile] [--pyproject pyproject.toml]``;
 exit status 1 lists every problem as ``Dockerfile:LINE: message``.
@@ -19,6 +22,7 @@ exit status 1 lists every problem as ``Dockerfile:LINE: message``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import shlex
@@ -27,6 +31,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
@@ -39,6 +44,9 @@ except ModuleNotFoundError:  # Python 3.10
 __all__ = ["Instruction", "check", "main", "parse"]
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # mpt_train, for the lock reader, when run as a script
+
+from mpt_train.compat import read_lock  # noqa: E402
 
 
 @dataclass
@@ -80,8 +88,9 @@ def _pyproject_pins(pyproject: Path) -> dict[str, Requirement]:
     return {canonicalize_name(r.name): r for r in map(Requirement, reqs)}
 
 
-def _pip_installs(args: str) -> list[list[str]]:
-    """Argument lists of every ``pip install`` in a RUN command (split on && ; |)."""
+def _pip_installs(args: str) -> list[tuple[str, list[str]]]:
+    """(``pip`` or ``uv``, arguments) of every ``pip install`` in a RUN command (split on
+    && ; |)."""
     try:
         words = shlex.split(args)
     except ValueError:
@@ -96,16 +105,32 @@ def _pip_installs(args: str) -> list[list[str]]:
     for c in cmds:
         for i in range(len(c) - 1):
             if c[i].endswith("pip") and c[i + 1] == "install":
-                out.append(c[i + 2 :])
+                tool = "uv" if i > 0 and c[i - 1].endswith("uv") else "pip"
+                out.append((tool, c[i + 2 :]))
                 break
             if c[i] == "-m" and c[i + 1] == "pip" and i + 2 < len(c) and c[i + 2] == "install":
-                out.append(c[i + 3 :])
+                out.append(("pip", c[i + 3 :]))
                 break
     return out
 
 
 def _is_local(arg: str) -> bool:
     return arg.startswith((".", "/")) or arg.endswith((".whl", ".tar.gz"))
+
+
+def _stage_stack(args: str) -> str | None:
+    """``pinned`` for ``FROM image AS base-pinned``: the stack a base stage is for."""
+    m = re.search(r"\s+AS\s+base-(\w+)\s*$", args, re.IGNORECASE)
+    return m.group(1) if m else None
+
+
+def _lock_checker() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "check_locks", Path(__file__).with_name("check_locks.py")
+    )
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
 
 
 def check(dockerfile: Path, pyproject: Path) -> list[str]:
@@ -119,31 +144,52 @@ def check(dockerfile: Path, pyproject: Path) -> list[str]:
         problems.append(f"{dockerfile}:{line}: {msg}")
 
     seen: dict[str, tuple[int, str]] = {}
+    locks: list[str] = []  # requirement files installed
     froms = [i for i in instrs if i.cmd == "FROM"]
     if not froms:
         bad(1, "no FROM instruction")
+    stages: list[str] = []  # earlier stages' names: a FROM may build on one
     for i in froms:
         image = next(w for w in i.args.split() if not w.startswith("--"))
+        words = i.args.split()
+        if len(words) >= 3 and words[-2].upper() == "AS":
+            stages.append(words[-1])
+        prefix = image.split("$")[0]
+        if image in stages or ("$" in image and any(s.startswith(prefix) for s in stages)):
+            continue  # a stage of this file (``base-${STACK}``: the one the argument names)
         name, _, tag = image.partition("@")[0].rpartition(":")
         if not name or "/" in tag:  # no tag (a registry port is not a tag)
             name, tag = image.partition("@")[0], ""
         if "@sha256:" not in image and (not tag or tag == "latest"):
             bad(i.line, f"base image {image!r} is not pinned to a version tag or digest")
-        if name.endswith("pytorch/pytorch") and "torch" in pins:
+        stack = _stage_stack(i.args)
+        if name.endswith("pytorch/pytorch") and stack is not None:
+            lock = pyproject.parent / "stacks" / f"{stack}.txt"
+            want = read_lock(lock).get("torch") if lock.is_file() else None
+            if want is None:
+                bad(i.line, f"stage base-{stack}: stacks/{stack}.txt does not lock torch")
+            elif not tag.startswith(f"{want}-"):
+                have = tag.split("-")[0]
+                bad(i.line, f"base image torch {have!r} != stacks/{stack}.txt's torch=={want}")
+        elif name.endswith("pytorch/pytorch") and "torch" in pins:
             want = next(iter(pins["torch"].specifier)).version
             if not tag.startswith(f"{want}-"):
                 bad(i.line, f"base image torch {tag.split('-')[0]!r} != pyproject's torch=={want}")
     for i in instrs:
         if i.cmd != "RUN":
             continue
-        for args in _pip_installs(i.args):
-            if "--no-cache-dir" not in args:
-                bad(i.line, "pip install without --no-cache-dir (the wheel cache bloats the layer)")
+        for tool, args in _pip_installs(i.args):
+            flag = "--no-cache" if tool == "uv" else "--no-cache-dir"
+            if flag not in args:
+                cmd = "uv pip install" if tool == "uv" else "pip install"
+                bad(i.line, f"{cmd} without {flag} (the cache bloats the layer)")
             skip_next = False
-            for a in args:
+            for n, a in enumerate(args):
                 if skip_next:
                     skip_next = False
                     continue
+                if a in ("-r", "--requirement") and n + 1 < len(args):
+                    locks.append(args[n + 1])
                 if a in ("-r", "--requirement", "-c", "--constraint", "--index-url", "-i"):
                     skip_next = True
                     continue
@@ -157,7 +203,16 @@ def check(dockerfile: Path, pyproject: Path) -> list[str]:
                 if not req.specifier:
                     bad(i.line, f"pip install {a!r} is not pinned")
                 seen[canonicalize_name(req.name)] = (i.line, str(req.specifier))
+    locked: set[str] = set()
+    if any(lock.startswith("stacks/") for lock in locks):
+        # The image installs the stack locks: they must hold pyproject's pins (and the
+        # overrides'), which is the lock checker's job.
+        checker = _lock_checker()
+        problems += [f"{dockerfile}:1: {p}" for p in checker.check_pins(pyproject.parent)]
+        locked = set(read_lock(pyproject.parent / "stacks" / "pinned.txt"))
     for name, req in pins.items():
+        if name in locked and name not in seen:
+            continue
         if name not in seen:
             bad(1, f"{req} from pyproject.toml is not installed with that pin")
         elif seen[name][1] != str(req.specifier):

@@ -43,16 +43,23 @@ def _variant(tmp_path: Path, old: str, new: str) -> list[str]:
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ("mosaicml==0.32.1 \\", "mosaicml==0.32.0 \\",
-         "mosaicml==0.32.0 differs from pyproject.toml's mosaicml==0.32.1"),
-        ("        wandb==0.28.2 \\\n", "", "wandb==0.28.2 from pyproject.toml is not installed"),
+        ("nvidia-cudnn-frontend==1.16.0", "nvidia-cudnn-frontend==1.15.0",
+         "nvidia-cudnn-frontend==1.15.0 differs from pyproject.toml's"),
+        (' \\\n        nvidia-cudnn-frontend==1.16.0', "",
+         "nvidia-cudnn-frontend==1.16.0 from pyproject.toml is not installed"),
+        ('-r "stacks/${STACK}.txt"', "",
+         "mosaicml==0.32.1 from pyproject.toml is not installed"),
         ("pytorch/pytorch:2.7.0-cuda12.6-cudnn9-devel", "pytorch/pytorch:latest",
          "is not pinned to a version tag"),
         ("pytorch/pytorch:2.7.0-cuda12.6", "pytorch/pytorch:2.6.0-cuda12.6",
-         "base image torch '2.6.0' != pyproject's torch==2.7.0"),
+         "base image torch '2.6.0' != stacks/pinned.txt's torch==2.7.0"),
+        ("pytorch/pytorch:2.11.0-cuda13.0", "pytorch/pytorch:2.10.0-cuda13.0",
+         "base image torch '2.10.0' != stacks/current.txt's torch==2.11.0"),
+        ("FROM base-${STACK}", "FROM other-${STACK}", "is not pinned to a version tag"),
+        ("--system --no-cache --no-deps", "--system --no-deps", "uv pip install without --no-cache"),
         ("ninja==1.11.1.4", "ninja", "pip install 'ninja' is not pinned"),
         ('pip install --no-cache-dir --no-deps ".[gpu]"', 'pip install --no-deps ".[gpu]"',
-         "without --no-cache-dir"),
+         "pip install without --no-cache-dir"),
         ("USER 1000", "USER root", "image runs as root"),
         ('ENTRYPOINT ["composer"]', 'ENTRYPOINT ["python"]', "does not run Composer's launcher"),
         ('TORCH_CUDA_ARCH_LIST="8.0;9.0"', 'TORCH_CUDA_ARCH_LIST="7.0"', "TORCH_CUDA_ARCH_LIST"),
@@ -65,3 +72,15 @@ def test_each_rule_catches_its_mistake(tmp_path: Path, old: str, new: str, messa
 
 def test_root_with_a_documented_reason_is_accepted(tmp_path: Path) -> None:
     assert _variant(tmp_path, "USER 1000", "# root: the cluster maps uids itself\nUSER root") == []
+
+
+def test_a_pyproject_pin_missing_from_the_installed_locks_is_caught(tmp_path: Path) -> None:
+    """The image installs the stack locks: a pin they do not hold is an image the tests never
+    saw."""
+    shutil.copytree(REPO / "stacks", tmp_path / "stacks")
+    shutil.copy(DOCKERFILE, tmp_path / "Dockerfile")
+    text = PYPROJECT.read_text().replace('"wandb==0.28.2"', '"wandb==0.28.1"')
+    (tmp_path / "pyproject.toml").write_text(text)
+    problems = lint.check(tmp_path / "Dockerfile", tmp_path / "pyproject.toml")
+    assert any("stacks/pinned.txt: wandb is 0.28.2, expected 0.28.1" in p for p in problems)
+    assert any("stacks/current.txt: wandb is 0.28.2, expected 0.28.1" in p for p in problems)
