@@ -27,6 +27,7 @@ __all__ = [
     "MemoryPlan",
     "activation_bytes",
     "estimate_memory",
+    "format_memory",
 ]
 
 GB = 1e9  # the unit of the benchmark records' peak_memory_gb (max_memory_allocated / 1e9)
@@ -168,7 +169,10 @@ def _block_bytes_per_token(cfg: RunConfig, s: _Shape) -> float:
 
 def activation_bytes(cfg: RunConfig, micro_batch: int, ac: bool) -> tuple[float, float]:
     """(blocks + head input, loss head) bytes at the start of backward for one micro batch."""
-    s = _shape(cfg)
+    return _activations(cfg, _shape(cfg), micro_batch, ac)
+
+
+def _activations(cfg: RunConfig, s: _Shape, micro_batch: int, ac: bool) -> tuple[float, float]:
     tokens = micro_batch * s.seq_len
     per_block = _block_bytes_per_token(cfg, s)
     if ac:
@@ -251,7 +255,7 @@ def estimate_memory(
     overhead = (CUDA_CONTEXT_GB + (NCCL_BUFFERS_GB if gpus > 1 else 0.0)) * GB
 
     def total(mb: int, with_ac: bool) -> tuple[float, float]:
-        blocks, loss = activation_bytes(cfg, mb, with_ac)
+        blocks, loss = _activations(cfg, s, mb, with_ac)
         peak = _peak(state, blocks + loss, per_rank // mb > 1)
         return peak, peak * (1 + ALLOCATOR_SLACK) + overhead
 
@@ -262,8 +266,8 @@ def estimate_memory(
     best, best_ac = largest(ac), largest(True)
     mb = micro_batch or (mb_cfg if isinstance(mb_cfg, int) else max(best, 1))
     peak, need = total(mb, ac)
-    blocks, loss = activation_bytes(cfg, mb, ac)
-    no_ac, ac_only = (sum(activation_bytes(cfg, mb, flag)) for flag in (False, True))
+    blocks, loss = _activations(cfg, s, mb, ac)
+    no_ac, ac_only = (sum(_activations(cfg, s, mb, flag)) for flag in (False, True))
     return MemoryPlan(
         gpu=spec.name,
         capacity_gb=capacity / GB,
@@ -290,3 +294,24 @@ def estimate_memory(
         max_micro_batch=best,
         max_micro_batch_ac=best_ac,
     )
+
+
+def format_memory(m: MemoryPlan) -> list[str]:
+    """The plan's memory lines (per rank, GB)."""
+    ac = "on" if m.activation_checkpointing else "off"
+    loss = "compiled" if m.compiled_loss else "eager"
+    chunk = f", chunks of {m.chunk_tokens} tokens" if m.chunk_tokens else ""
+    verdict = "fits" if m.fits else "DOES NOT FIT"
+    return [
+        f"  memory      per rank, {m.sharding} over {m.shard_ranks}, micro batch {m.micro_batch}"
+        f" x {m.grad_accum}, activation checkpointing {ac}, loss {loss}{chunk}",
+        f"              weights {m.weights_gb:.2f} GB, gradients {m.gradients_gb:.2f}, "
+        f"optimizer {m.optimizer_gb:.2f}, compute copies {m.compute_copies_gb:.2f}",
+        f"              activations {m.activations_gb:.2f} GB per micro batch (loss head "
+        f"{m.loss_gb:.2f}; {m.activations_no_ac_gb:.2f} without and {m.activations_ac_gb:.2f} "
+        "with activation checkpointing)",
+        f"              peak {m.peak_allocated_gb:.1f} GB allocated + {m.framework_overhead_gb:.1f}"
+        f" framework overhead = {m.total_gb:.1f} of {m.capacity_gb:.1f} GB: {verdict}",
+        f"              largest micro batch that fits: {m.max_micro_batch or 'none'} "
+        f"({m.max_micro_batch_ac or 'none'} with activation checkpointing)",
+    ]

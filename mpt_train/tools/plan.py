@@ -33,6 +33,17 @@ from mpt_train.config.checks import check_spec
 from mpt_train.config.schema import train_seq_len
 from mpt_train.config.validate import check_batch_split, valid_world_sizes
 from mpt_train.errors import ConfigError, run_cli
+from mpt_train.tools.comm import (
+    CommPlan,
+    Interconnect,
+    SingleGPU,
+    cluster_for,
+    format_comm,
+    interconnect,
+    plan_comm,
+    single_gpu_from_record,
+)
+from mpt_train.tools.memory import MemoryPlan, estimate_memory, format_memory
 
 __all__ = [
     "MPT_7B_PUBLISHED",
@@ -105,6 +116,12 @@ class Plan:
     #: GPUs the deadline needs by compute alone (gpus_for_deadline rounds up to a batch split).
     min_gpus_for_deadline: int | None = None
     gpus_per_node: int = 8
+    #: Per-rank peak memory and whether it fits (``mpt_train.tools.memory``).
+    memory: MemoryPlan | None = None
+    #: Per-step communication and the MFU left after it (``mpt_train.tools.comm``).
+    communication: CommPlan | None = None
+    #: Where ``mfu`` came from: the published run, a single-GPU figure, or a record row.
+    mfu_source: str = "published MPT-7B run (440 A100-40GB)"
 
 
 def make_plan(
@@ -117,8 +134,14 @@ def make_plan(
     deadline_days: float | None = None,
     gpus_per_node: int = 8,
     spec_name: str = "",
+    single_gpu: SingleGPU | None = None,
+    link: Interconnect | None = None,
 ) -> Plan:
-    """Plan ``cfg`` on ``gpus`` GPUs of type ``gpu`` running at ``mfu``."""
+    """Plan ``cfg`` on ``gpus`` GPUs of type ``gpu`` running at ``mfu``.
+
+    With ``single_gpu`` the plan runs at the MFU its figure leaves after FSDP's communication
+    at ``gpus`` GPUs over ``link`` (default: the usual node for ``gpu``) instead of ``mfu``.
+    """
     if gpus < 1:
         raise ConfigError("gpus", f"got {gpus}, expected >= 1")
     if not 0.0 < mfu <= 1.0:
@@ -135,6 +158,27 @@ def make_plan(
     fpt = flops_per_token(cfg.model, seq_len)
     params = shape_model(cfg.model).num_params()
     flops = fpt * tokens
+    memory = estimate_memory(cfg, gpus=gpus, gpu=gpu, gpus_per_node=gpus_per_node)
+    start = single_gpu or SingleGPU(mfu, memory.activation_checkpointing, "")
+    comm = plan_comm(
+        params=params,
+        n_layers=cfg.model.n_layers,
+        sharding=memory.sharding,
+        mixed_precision=cfg.fsdp.mixed_precision if cfg.fsdp else "DEFAULT",
+        gpus=gpus,
+        gpus_per_node=gpus_per_node,
+        micro_batches=memory.grad_accum,
+        flops_per_micro_batch=fpt * memory.micro_batch * seq_len,
+        peak_flops=spec.peak_flops,
+        single_gpu_mfu=start.mfu,
+        measured_with_ac=memory.activation_checkpointing
+        if start.activation_checkpointing is None
+        else start.activation_checkpointing,
+        activation_checkpointing=memory.activation_checkpointing,
+        link=link or cluster_for(spec.name),
+    )
+    if single_gpu is not None:
+        mfu = comm.mfu
     cluster_flops = gpus * spec.peak_flops * mfu
     seconds = flops / cluster_flops
     gpu_hours = gpus * seconds / 3600.0
@@ -159,7 +203,13 @@ def make_plan(
         gpu_hours=gpu_hours,
         price_per_gpu_hour=usd_per_hour,
         cost_usd=gpu_hours * usd_per_hour,
+        memory=memory,
+        communication=comm,
     )
+    if single_gpu is not None:
+        plan.mfu_source = f"{single_gpu.source}, after communication at {gpus} GPUs"
+    elif mfu != PUBLISHED_MFU:
+        plan.mfu_source = "given"
     if deadline_days is not None:
         # GPU-hours (and so dollars) do not depend on the GPU count at a fixed MFU; only time does.
         need = math.ceil(flops / (spec.peak_flops * mfu * deadline_days * SECONDS_PER_DAY))
@@ -227,7 +277,12 @@ def format_text(p: Plan) -> str:
         f"  wall time   {p.days:.2f} days ({p.seconds / 3600:,.1f} h)",
         f"  GPU-hours   {p.gpu_hours:,.0f}",
         f"  cost        ${p.cost_usd:,.0f} at ${p.price_per_gpu_hour:.2f}/GPU-hour",
+        f"  MFU from    {p.mfu_source}",
     ]
+    if p.memory is not None:
+        lines += format_memory(p.memory)
+    if p.communication is not None:
+        lines += format_comm(p.communication)
     if p.deadline_days is not None:
         assert p.gpus_for_deadline is not None and p.min_gpus_for_deadline is not None
         done = p.days * p.gpus / p.gpus_for_deadline
@@ -271,12 +326,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as max_duration=1e9tok")
     parser.add_argument("--gpus", type=int, required=True, help="number of GPUs")
     parser.add_argument("--gpu", required=True, choices=sorted(GPU_TYPES), help="GPU type")
-    parser.add_argument(
+    mfu = parser.add_mutually_exclusive_group()
+    mfu.add_argument(
         "--mfu",
         type=float,
-        default=PUBLISHED_MFU,
-        help=f"model FLOPs utilisation (default {PUBLISHED_MFU}: what MPT-7B's run implies)",
+        default=None,
+        help="single-GPU MFU (at the spec's activation checkpointing); the plan runs at what "
+        f"it leaves after communication. Default: {PUBLISHED_MFU}, what MPT-7B's 440-GPU "
+        "run implies, taken as the cluster's MFU",
     )
+    mfu.add_argument(
+        "--mfu-from",
+        metavar="RECORD:ROW",
+        help="single-GPU MFU measured in a benchmark record, e.g. "
+        "benchmarks/results/2026-12-07-h100.json:mpt-3b",
+    )
+    parser.add_argument(
+        "--network", default="infiniband", choices=("infiniband", "ethernet"), help="across nodes"
+    )
+    parser.add_argument("--nvlink-gbps", type=float, help="NVLink bus bandwidth, GB/s per GPU")
+    parser.add_argument("--network-gbps", type=float, help="network bandwidth, GB/s per GPU")
     parser.add_argument("--price", type=float, default=None, help="USD per GPU-hour")
     parser.add_argument("--deadline-days", type=float, default=None, help="GPUs to finish by this")
     parser.add_argument("--gpus-per-node", type=int, default=8)
@@ -288,11 +357,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    single = None
+    if args.mfu_from:
+        single = single_gpu_from_record(args.mfu_from)
+    elif args.mfu is not None:
+        single = SingleGPU(args.mfu, None, f"--mfu {args.mfu:g}")
     plan = make_plan(
         load_config(args.spec, args.overrides),
         gpus=args.gpus,
         gpu=args.gpu,
-        mfu=args.mfu,
+        single_gpu=single,
+        link=interconnect(args.gpu, args.network, args.nvlink_gbps, args.network_gbps),
         price=args.price,
         deadline_days=args.deadline_days,
         gpus_per_node=args.gpus_per_node,
