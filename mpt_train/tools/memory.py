@@ -22,12 +22,14 @@ from mpt_train.config.schema import train_seq_len
 
 if TYPE_CHECKING:
     from mpt_train.config import RunConfig
+    from mpt_train.model import MPTConfig, MPTModel
 
 __all__ = [
     "MemoryPlan",
     "activation_bytes",
     "estimate_memory",
     "format_memory",
+    "meta_model",
 ]
 
 GB = 1e9  # the unit of the benchmark records' peak_memory_gb (max_memory_allocated / 1e9)
@@ -137,8 +139,19 @@ class _Shape:
     seq_len: int
 
 
+_MODELS: dict[str, MPTModel] = {}
+
+
+def meta_model(model_cfg: MPTConfig) -> MPTModel:
+    """The model on the meta device, built once per architecture (plans ask many times)."""
+    key = repr(model_cfg)
+    if key not in _MODELS:
+        _MODELS[key] = shape_model(model_cfg)
+    return _MODELS[key]
+
+
 def _shape(cfg: RunConfig) -> _Shape:
-    model = shape_model(cfg.model)
+    model = meta_model(cfg.model)
     block = sum(p.numel() for p in model.blocks[0].parameters())
     params = model.num_params()
     m = cfg.model

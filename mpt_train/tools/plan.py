@@ -23,10 +23,8 @@ from dataclasses import asdict, dataclass
 from mpt_train.callbacks.accounting import (
     GPU_TYPES,
     duration_tokens,
-    flops_per_token,
     get_gpu,
     price_per_gpu_hour,
-    shape_model,
 )
 from mpt_train.config import RunConfig, load_config
 from mpt_train.config.checks import check_spec
@@ -43,7 +41,7 @@ from mpt_train.tools.comm import (
     plan_comm,
     single_gpu_from_record,
 )
-from mpt_train.tools.memory import MemoryPlan, estimate_memory, format_memory
+from mpt_train.tools.memory import MemoryPlan, estimate_memory, format_memory, meta_model
 
 __all__ = [
     "MPT_7B_PUBLISHED",
@@ -155,8 +153,9 @@ def make_plan(
     check_spec(cfg, gpus, schedule=False)
     seq_len = train_seq_len(cfg)
     tokens = duration_tokens(cfg.max_duration, cfg.global_train_batch_size, seq_len)
-    fpt = flops_per_token(cfg.model, seq_len)
-    params = shape_model(cfg.model).num_params()
+    model = meta_model(cfg.model)  # the model's own FLOPs formula, as Composer's MFU uses
+    fpt = float(model.flops_per_batch(1, seq_len)) / seq_len
+    params = model.num_params()
     flops = fpt * tokens
     memory = estimate_memory(cfg, gpus=gpus, gpu=gpu, gpus_per_node=gpus_per_node)
     start = single_gpu or SingleGPU(mfu, memory.activation_checkpointing, "")
