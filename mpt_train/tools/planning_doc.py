@@ -10,8 +10,9 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from mpt_train.callbacks.accounting import duration_tokens
 from mpt_train.config import load_config
@@ -20,7 +21,7 @@ from mpt_train.tools.comm import CLUSTERS, SingleGPU
 from mpt_train.tools.memory import estimate_memory
 from mpt_train.tools.plan import Plan, make_plan
 
-__all__ = ["PUBLISHED", "Published", "main", "render"]
+__all__ = ["PUBLISHED", "Published", "main", "measured_rows", "render"]
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "planning.md"
@@ -63,17 +64,26 @@ PUBLISHED = (
 )
 
 
-def _record_rows() -> dict[str, tuple[dict, str]]:
-    """Each H100 row's newest measurement (row fields, record file name)."""
-    out: dict[str, tuple[dict, str]] = {}
-    for path in sorted(RESULTS.glob("*-h100*.json")):
-        for row in json.loads(path.read_text(encoding="utf-8"))["rows"]:
-            out[row["name"]] = (row, path.name)
-    return out
+def measured_rows(gpu_type: str = "h100") -> dict[str, tuple[dict[str, Any], str]]:
+    """Each benchmark row's newest measurement on ``gpu_type``: (its fields, record file)."""
+    try:
+        from mpt_train.tools.records import latest_rows  # type: ignore[import-not-found]
+    except ImportError:  # the record format read directly, newest file last
+        out: dict[str, tuple[dict[str, Any], str]] = {}
+        for path in sorted(RESULTS.glob(f"*-{gpu_type}.json")) + sorted(
+            RESULTS.glob(f"*-{gpu_type}-*.json")
+        ):
+            for row in json.loads(path.read_text(encoding="utf-8"))["rows"]:
+                out[row["name"]] = (row, path.name)
+        return out
+    return {
+        name: (asdict(m.row), m.record.path.name if m.record.path else m.record.date)
+        for name, m in latest_rows(gpu_type, RESULTS).items()
+    }
 
 
 def _sources() -> dict[bool, SingleGPU]:
-    rows = _record_rows()
+    rows = measured_rows("h100")
     out = {}
     for ac, name in SOURCE_ROWS.items():
         if name not in rows:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,27 +9,18 @@ import yaml
 
 from mpt_train.config import load_config, load_config_dict
 from mpt_train.tools.memory import estimate_memory
+from mpt_train.tools.planning_doc import RESULTS, measured_rows
 
 ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "benchmarks" / "results"
 TABLES = {"h100": ROOT / "yamls" / "benchmarks" / "h100.yaml"}
 
 
 def _measured_peaks(gpu_type: str) -> dict[str, tuple[float, str]]:
     """Each row's newest measured peak (GB, record file) on ``gpu_type``."""
-    try:
-        from mpt_train.tools.records import latest_rows
-    except ImportError:  # read the JSON as the record format defines it
-        out: dict[str, tuple[float, str]] = {}
-        for path in sorted(RESULTS.glob(f"*-{gpu_type}*.json")):
-            for row in json.loads(path.read_text(encoding="utf-8"))["rows"]:
-                if row.get("memory_kind") == "cuda" and row.get("peak_memory_gb"):
-                    out[row["name"]] = (float(row["peak_memory_gb"]), path.name)
-        return out
     return {
-        name: (m.row.peak_memory_gb, m.record.path.name if m.record.path else m.record.date)
-        for name, m in latest_rows(gpu_type).items()
-        if m.row.memory_kind == "cuda" and m.row.peak_memory_gb
+        name: (float(row["peak_memory_gb"]), record)
+        for name, (row, record) in measured_rows(gpu_type).items()
+        if row.get("memory_kind") == "cuda" and row.get("peak_memory_gb")
     }
 
 
