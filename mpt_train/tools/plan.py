@@ -10,6 +10,12 @@ With this model's formula, 6 * 6.649e9 * 1e12 + 12 * 32 * 4096 * 2048 * 1e12 = 4
 and 440 * 312e12 FLOP/s * 9.5 days = 1.127e23 peak FLOPs, so the run implied an MFU of 0.383
 (llm-foundry's convention: 3x forward FLOPs, attention included, no activation recompute).
 That is in line with llm-foundry's own benchmark tables for a 7B at 2048 tokens (40-46%).
+
+Every plan also carries the per-rank memory (:mod:`mpt_train.tools.memory`: does it fit, the
+largest micro batch that does) and FSDP's communication (:mod:`mpt_train.tools.comm`). Given a
+single-GPU MFU (``--mfu``, or ``--mfu-from RECORD:ROW`` from a benchmark record), the plan runs
+at what that MFU leaves after communication at the requested GPU count; without one it runs at
+the published run's cluster MFU above.
 """
 
 from __future__ import annotations
