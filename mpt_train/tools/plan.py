@@ -10,6 +10,12 @@ With this model's formula, 6 * 6.649e9 * 1e12 + 12 * 32 * 4096 * 2048 * 1e12 = 4
 and 440 * 312e12 FLOP/s * 9.5 days = 1.127e23 peak FLOPs, so the run implied an MFU of 0.383
 (llm-foundry's convention: 3x forward FLOPs, attention included, no activation recompute).
 That is in line with llm-foundry's own benchmark tables for a 7B at 2048 tokens (40-46%).
+
+Every plan also carries the per-rank memory (:mod:`mpt_train.tools.memory`: does it fit, the
+largest micro batch that does) and FSDP's communication (:mod:`mpt_train.tools.comm`). Given a
+single-GPU MFU (``--mfu``, or ``--mfu-from RECORD:ROW`` from a benchmark record), the plan runs
+at what that MFU leaves after communication at the requested GPU count; without one it runs at
+the published run's cluster MFU above.
 """
 
 from __future__ import annotations
@@ -23,16 +29,25 @@ from dataclasses import asdict, dataclass
 from mpt_train.callbacks.accounting import (
     GPU_TYPES,
     duration_tokens,
-    flops_per_token,
     get_gpu,
     price_per_gpu_hour,
-    shape_model,
 )
 from mpt_train.config import RunConfig, load_config
 from mpt_train.config.checks import check_spec
 from mpt_train.config.schema import train_seq_len
 from mpt_train.config.validate import check_batch_split, valid_world_sizes
 from mpt_train.errors import ConfigError, run_cli
+from mpt_train.tools.comm import (
+    CommPlan,
+    Interconnect,
+    SingleGPU,
+    cluster_for,
+    format_comm,
+    interconnect,
+    plan_comm,
+    single_gpu_from_record,
+)
+from mpt_train.tools.memory import MemoryPlan, estimate_memory, format_memory, meta_model
 
 __all__ = [
     "MPT_7B_PUBLISHED",
@@ -105,6 +120,12 @@ class Plan:
     #: GPUs the deadline needs by compute alone (gpus_for_deadline rounds up to a batch split).
     min_gpus_for_deadline: int | None = None
     gpus_per_node: int = 8
+    #: Per-rank peak memory and whether it fits (``mpt_train.tools.memory``).
+    memory: MemoryPlan | None = None
+    #: Per-step communication and the MFU left after it (``mpt_train.tools.comm``).
+    communication: CommPlan | None = None
+    #: Where ``mfu`` came from: the published run, a single-GPU figure, or a record row.
+    mfu_source: str = "published MPT-7B run (440 A100-40GB)"
 
 
 def make_plan(
@@ -117,8 +138,14 @@ def make_plan(
     deadline_days: float | None = None,
     gpus_per_node: int = 8,
     spec_name: str = "",
+    single_gpu: SingleGPU | None = None,
+    link: Interconnect | None = None,
 ) -> Plan:
-    """Plan ``cfg`` on ``gpus`` GPUs of type ``gpu`` running at ``mfu``."""
+    """Plan ``cfg`` on ``gpus`` GPUs of type ``gpu`` running at ``mfu``.
+
+    With ``single_gpu`` the plan runs at the MFU its figure leaves after FSDP's communication
+    at ``gpus`` GPUs over ``link`` (default: the usual node for ``gpu``) instead of ``mfu``.
+    """
     if gpus < 1:
         raise ConfigError("gpus", f"got {gpus}, expected >= 1")
     if not 0.0 < mfu <= 1.0:
@@ -132,9 +159,31 @@ def make_plan(
     check_spec(cfg, gpus, schedule=False)
     seq_len = train_seq_len(cfg)
     tokens = duration_tokens(cfg.max_duration, cfg.global_train_batch_size, seq_len)
-    fpt = flops_per_token(cfg.model, seq_len)
-    params = shape_model(cfg.model).num_params()
+    model = meta_model(cfg.model)  # the model's own FLOPs formula, as Composer's MFU uses
+    fpt = float(model.flops_per_batch(1, seq_len)) / seq_len
+    params = model.num_params()
     flops = fpt * tokens
+    memory = estimate_memory(cfg, gpus=gpus, gpu=gpu, gpus_per_node=gpus_per_node)
+    start = single_gpu or SingleGPU(mfu, memory.activation_checkpointing, "")
+    comm = plan_comm(
+        params=params,
+        n_layers=cfg.model.n_layers,
+        sharding=memory.sharding,
+        mixed_precision=cfg.fsdp.mixed_precision if cfg.fsdp else "DEFAULT",
+        gpus=gpus,
+        gpus_per_node=gpus_per_node,
+        micro_batches=memory.grad_accum,
+        flops_per_micro_batch=fpt * memory.micro_batch * seq_len,
+        peak_flops=spec.peak_flops,
+        single_gpu_mfu=start.mfu,
+        measured_with_ac=memory.activation_checkpointing
+        if start.activation_checkpointing is None
+        else start.activation_checkpointing,
+        activation_checkpointing=memory.activation_checkpointing,
+        link=link or cluster_for(spec.name),
+    )
+    if single_gpu is not None:
+        mfu = comm.mfu
     cluster_flops = gpus * spec.peak_flops * mfu
     seconds = flops / cluster_flops
     gpu_hours = gpus * seconds / 3600.0
@@ -159,7 +208,13 @@ def make_plan(
         gpu_hours=gpu_hours,
         price_per_gpu_hour=usd_per_hour,
         cost_usd=gpu_hours * usd_per_hour,
+        memory=memory,
+        communication=comm,
     )
+    if single_gpu is not None:
+        plan.mfu_source = f"{single_gpu.source}, after communication at {gpus} GPUs"
+    elif mfu != PUBLISHED_MFU:
+        plan.mfu_source = "given"
     if deadline_days is not None:
         # GPU-hours (and so dollars) do not depend on the GPU count at a fixed MFU; only time does.
         need = math.ceil(flops / (spec.peak_flops * mfu * deadline_days * SECONDS_PER_DAY))
@@ -227,7 +282,12 @@ def format_text(p: Plan) -> str:
         f"  wall time   {p.days:.2f} days ({p.seconds / 3600:,.1f} h)",
         f"  GPU-hours   {p.gpu_hours:,.0f}",
         f"  cost        ${p.cost_usd:,.0f} at ${p.price_per_gpu_hour:.2f}/GPU-hour",
+        f"  MFU from    {p.mfu_source}",
     ]
+    if p.memory is not None:
+        lines += format_memory(p.memory)
+    if p.communication is not None:
+        lines += format_comm(p.communication)
     if p.deadline_days is not None:
         assert p.gpus_for_deadline is not None and p.min_gpus_for_deadline is not None
         done = p.days * p.gpus / p.gpus_for_deadline
@@ -271,12 +331,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as max_duration=1e9tok")
     parser.add_argument("--gpus", type=int, required=True, help="number of GPUs")
     parser.add_argument("--gpu", required=True, choices=sorted(GPU_TYPES), help="GPU type")
-    parser.add_argument(
+    mfu = parser.add_mutually_exclusive_group()
+    mfu.add_argument(
         "--mfu",
         type=float,
-        default=PUBLISHED_MFU,
-        help=f"model FLOPs utilisation (default {PUBLISHED_MFU}: what MPT-7B's run implies)",
+        default=None,
+        help="single-GPU MFU (at the spec's activation checkpointing); the plan runs at what "
+        f"it leaves after communication. Default: {PUBLISHED_MFU}, what MPT-7B's 440-GPU "
+        "run implies, taken as the cluster's MFU",
     )
+    mfu.add_argument(
+        "--mfu-from",
+        metavar="RECORD:ROW",
+        help="single-GPU MFU measured in a benchmark record, e.g. "
+        "benchmarks/results/2026-12-07-h100.json:mpt-3b",
+    )
+    parser.add_argument(
+        "--network", default="infiniband", choices=("infiniband", "ethernet"), help="across nodes"
+    )
+    parser.add_argument("--nvlink-gbps", type=float, help="NVLink bus bandwidth, GB/s per GPU")
+    parser.add_argument("--network-gbps", type=float, help="network bandwidth, GB/s per GPU")
     parser.add_argument("--price", type=float, default=None, help="USD per GPU-hour")
     parser.add_argument("--deadline-days", type=float, default=None, help="GPUs to finish by this")
     parser.add_argument("--gpus-per-node", type=int, default=8)
@@ -288,11 +362,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    single = None
+    if args.mfu_from:
+        single = single_gpu_from_record(args.mfu_from)
+    elif args.mfu is not None:
+        single = SingleGPU(args.mfu, None, f"--mfu {args.mfu:g}")
     plan = make_plan(
         load_config(args.spec, args.overrides),
         gpus=args.gpus,
         gpu=args.gpu,
-        mfu=args.mfu,
+        single_gpu=single,
+        link=interconnect(args.gpu, args.network, args.nvlink_gbps, args.network_gbps),
         price=args.price,
         deadline_days=args.deadline_days,
         gpus_per_node=args.gpus_per_node,

@@ -10,6 +10,7 @@ from pathlib import Path
 import mpt_train.tools.sweep as _sweep
 from mpt_train.errors import ConfigError, run_cli
 from mpt_train.tools.sweep import launch_local, load_sweep, resolve, write_slurm
+from mpt_train.tools.sweep_plan import fitting_points
 from mpt_train.tools.sweep_report import collect
 
 __all__ = ["main"]
@@ -35,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collect", action="store_true", help="gather results of a run sweep")
     parser.add_argument("--out-dir", default=None, help="default runs/sweeps/{name}")
     parser.add_argument("--train-script", default="train.py", help="the entry composer runs")
+    parser.add_argument(
+        "--plan", action="store_true", help="print each point's fit, time and cost; skip misfits"
+    )
+    parser.add_argument("--gpus", type=int, help="with --plan: GPUs per point (default the file's)")
+    parser.add_argument("--gpu", help="with --plan: GPU type (default each spec's cost.gpu_type)")
+    parser.add_argument("--mfu", type=float, help="with --plan: single-GPU MFU")
     args = parser.parse_args(argv)
     return run_cli(lambda: _run(args), prefix=f"error in sweep {args.sweep}")
 
@@ -48,8 +55,12 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     train_script = _train_script(args.train_script)
     # The local launcher runs every point on this machine's `gpus` ranks.
-    points = resolve(sweep, None if args.launcher == "slurm" else sweep.gpus)
+    world = args.gpus or (None if args.launcher == "slurm" else sweep.gpus)
+    points = resolve(sweep, world)
     print(f"sweep {sweep.name}: {len(points)} points, specs in {sweep.out_dir / 'specs'}")
+    if args.plan:
+        gpus = args.gpus or sweep.nodes * sweep.gpus
+        points = fitting_points(points, gpus, args.gpu, args.mfu)
     if args.launcher == "slurm":
         write_slurm(sweep, points, train_script, dry_run=args.dry_run)
         return 0
