@@ -25,10 +25,14 @@ def spec(data: Path, **top: object) -> dict:
     return base
 
 
+# An MDS index of one shard with 4 samples: the checks read indexes, not shards.
+INDEX = '{"shards": [{"samples": 4, "column_encodings": [], "column_names": []}], "version": 2}'
+
+
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
     (tmp_path / "mds" / "train").mkdir(parents=True)
-    (tmp_path / "mds" / "train" / "index.json").write_text('{"shards": [], "version": 2}')
+    (tmp_path / "mds" / "train" / "index.json").write_text(INDEX)
     return tmp_path / "mds"
 
 
