@@ -84,6 +84,8 @@ PRIVATE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     # FSDP2's divide factors wrapped so that a sum is divided once.
     "torch.distributed.fsdp._fully_shard": ("_fsdp_collectives",),
     "torch.distributed.fsdp._fully_shard._fsdp_collectives": ("_get_gradient_divide_factors",),
+    # train/fp8.py: checkpoints of FP8 runs hold the plain high-precision weights.
+    "torch.nn:Module": ("_register_state_dict_hook",),
 }
 # Names above that exist only on instances (the test builds one of each to check them).
 INSTANCE_ATTRIBUTES = frozenset(
