@@ -297,8 +297,29 @@ class CheckpointIntegrity(Callback):
                     lambda: store.upload_object(f"{remote}{MANIFEST_SUFFIX}", str(local)),
                     f"uploading manifest {url}{MANIFEST_SUFFIX}",
                 )
+            self._point_remote_latest(store, url)
             log.info("checkpoint %s uploaded (%d objects, manifest written)", url, len(files))
         dist.barrier()
+
+    def _point_remote_latest(self, store: Any, url: str) -> None:
+        """Move the bucket's ``latest`` pointer to the checkpoint just completed, now.
+
+        Composer moves it in the background at a later batch end, once it has polled the
+        bucket; a node lost before then leaves the pointer one checkpoint behind, and the
+        relaunch restarts from the older one and fails re-uploading the newer one's objects.
+        The pointer file is Composer's own (its content and name are unchanged); its pending
+        background upload is dropped, since it could only point at this or an older save.
+        """
+        assert self._saver is not None
+        tasks = self._saver.symlink_upload_tasks
+        if not tasks:
+            return
+        _, local_file, remote_name = tasks[-1]
+        _retry(
+            lambda: store.upload_object(remote_name, local_file),
+            f"uploading the latest-checkpoint pointer for {url}",
+        )
+        tasks.clear()
 
 
 def _naming_failures(fn: Any, folder: str) -> Any:

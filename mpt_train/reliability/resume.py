@@ -36,6 +36,7 @@ __all__ = [
     "QUARANTINE",
     "CheckpointLayoutError",
     "check_resume_layout",
+    "checkpoint_batch",
     "choose_local_checkpoint",
     "list_checkpoints",
     "prepare_resume",
@@ -50,6 +51,12 @@ _BATCH = re.compile(r"ba(\d+)")
 
 class CheckpointLayoutError(RunFailure):
     """A checkpoint was written in the other layout (one file vs a sharded folder)."""
+
+
+def checkpoint_batch(name: str) -> int | None:
+    """The batch a checkpoint's name (``ep0-ba20-rank0.pt``, ``ep0-ba20``) was saved at."""
+    m = _BATCH.search(name)
+    return int(m.group(1)) if m and name.startswith("ep") else None
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, str]]:

@@ -18,9 +18,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mpt_train.errors import ConfigError
-from mpt_train.reliability.manifest import CheckpointCorruptError, manifest_path, read_manifest
-from mpt_train.reliability.resume import list_checkpoints
+from mpt_train.errors import ConfigError, RunFailure
+from mpt_train.reliability.manifest import (
+    MANIFEST_SUFFIX,
+    CheckpointCorruptError,
+    manifest_path,
+    read_manifest,
+)
+from mpt_train.reliability.resume import checkpoint_batch, list_checkpoints
 
 __all__ = [
     "MAY_CHANGE",
@@ -31,6 +36,7 @@ __all__ = [
     "flatten",
     "refused_changes",
     "saved_spec",
+    "saved_spec_in_bucket",
     "spec_changes",
 ]
 
@@ -205,19 +211,56 @@ def saved_spec(folder: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
+def saved_spec_in_bucket(folder: str) -> tuple[str, dict[str, Any]] | None:
+    """(checkpoint URL, spec) of the newest checkpoint under a bucket ``folder`` whose manifest
+    records a spec; None if none does. Manifests are uploaded last, after every object of
+    their checkpoint, so only complete checkpoints are considered; only the newest manifest
+    is downloaded."""
+    import tempfile
+
+    from composer.utils import maybe_create_object_store_from_uri, parse_uri
+
+    backend, bucket, prefix = parse_uri(folder)
+    store = maybe_create_object_store_from_uri(folder)
+    prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    manifests = []
+    for name in store.list_objects(prefix):
+        rest = name[len(prefix) :]
+        batch = checkpoint_batch(rest)
+        if "/" not in rest and rest.endswith(MANIFEST_SUFFIX) and batch is not None:
+            manifests.append((batch, name))
+    with tempfile.TemporaryDirectory() as tmp:
+        for _batch, name in sorted(manifests, reverse=True):
+            local = Path(tmp) / "manifest.json"
+            store.download_object(name, str(local), overwrite=True)
+            try:
+                manifest = read_manifest(local)
+            except CheckpointCorruptError:
+                continue
+            if manifest.spec is not None:
+                url = f"{backend}://{bucket}/{name.removesuffix(MANIFEST_SUFFIX)}"
+                return url, manifest.spec
+    return None
+
+
 def check_resume_spec(
     save_folder: str, run_name: str, now: dict[str, Any], allow: Iterable[str] = ()
 ) -> None:
     """Compare ``now`` with the spec of the checkpoint a resume of ``run_name`` would load
-    (rank 0 reads, every rank gets the same answer). Bucket folders are not read here."""
+    (rank 0 reads, every rank gets the same answer), in a local folder or a bucket."""
     from composer.utils import dist, format_name_with_dist
 
     folder = format_name_with_dist(save_folder, run_name)
-    if "://" in folder:
-        return
-    problem: list[str | None] = [None]
+    problem: list[tuple[bool, str] | None] = [None]  # (whether a spec error, message)
     if dist.get_global_rank() == 0:
-        found = saved_spec(Path(folder))
+        try:
+            found = saved_spec_in_bucket(folder) if "://" in folder else saved_spec(Path(folder))
+        except Exception as e:  # a bucket that cannot be listed: every rank fails, naming it
+            problem[0] = (
+                False,
+                f"cannot read the checkpoints in {folder}: {type(e).__name__}: {e}",
+            )
+            found = None
         if found is not None:
             saved = found[1]
             if saved.get("precision") == "auto":  # recorded unresolved: no dtype to compare
@@ -225,8 +268,9 @@ def check_resume_spec(
             try:
                 check_spec_change(found[0], saved, now, allow)
             except ResumeSpecError as e:
-                problem[0] = e.msg
+                problem[0] = (True, e.msg)
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(problem, src=0)
     if problem[0] is not None:
-        raise ResumeSpecError(problem[0])
+        spec_error, msg = problem[0]
+        raise ResumeSpecError(msg) if spec_error else RunFailure(msg)

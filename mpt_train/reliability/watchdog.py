@@ -10,8 +10,11 @@ the collective timeout, and the error each survivor then prints ("connection clo
   line when it moves again;
 * an error when a rank's beats stop (its process died or its host is unreachable).
 
-A rank whose run ends with an error looks once more before it exits, so the last lines of a
-failed multi-node run say which rank or node stopped answering.
+Every rank whose run ends with an error looks once more before it exits (waiting up to the
+loss threshold for a dead rank's beats to go stale), so the last lines of a failed multi-node
+run say which rank or node stopped answering: often the first rank to fail is not rank 0 but a
+neighbour of the lost node, whose closed connection ends its collective at once, and its
+launcher then stops rank 0 before rank 0's own watch has seen five missed beats.
 """
 
 from __future__ import annotations
@@ -91,13 +94,7 @@ class RankWatchdog(Callback):
         if self._thread is None or self.me.state != "training":
             return  # never started, or the fit ended (closing twice changes nothing)
         self._finish("stopped")
-        if self.me.rank == 0:
-            self._explain_failure()
-            return
-        try:  # only rank 0 judges; the others say so when rank 0's host is gone
-            self.store.check(["0"])
-        except Exception as err:
-            log.error("rank %d cannot reach rank 0's host (node 0): %s", self.me.rank, err)
+        self._explain_failure()
 
     def _finish(self, how: str) -> None:
         if self._thread is None or self.me.state != "training":
@@ -246,7 +243,7 @@ class RankWatchdog(Callback):
                     break
                 time.sleep(BEAT_S / 4)
         except Exception as err:
-            log.error("the rendezvous store on rank 0 failed: %s", err)
+            log.error("rank %d cannot reach rank 0's host (node 0): %s", self.me.rank, err)
             return
         for seen in lost:
             log.error(

@@ -65,9 +65,12 @@ def test_lost_node_ends_the_run_in_bounded_time_and_resumes_exactly(
     kill_to_exit = run.nodes[0].exited_at - float(stamp.read_text())
     print(f"kill-to-exit: {kill_to_exit:.1f} s")
     assert kill_to_exit < COLLECTIVE_TIMEOUT, console[-6000:]
-    # Which ranks stopped answering is reported by the watchdog after its heartbeat threshold;
-    # on gloo a closed connection can end the run sooner, so the line is not required here
-    # (tests/reliability/test_watchdog.py holds the report against a real store).
+    # Whichever survivor fails first names the lost node's ranks before it exits.
+    for rank in (2, 3):
+        named = re.search(
+            rf"\[rank[01]\] ERROR .*rank {rank} \(node 1, .*stopped answering", console
+        )
+        assert named, f"rank {rank} not named\n{console[-6000:]}"
 
     run_nodes(2, 2, [FAULT_RUN, "--ledger", str(tmp_path / "cut2"), path], cwd=tmp_path,
               timeout=600)  # fmt: skip

@@ -129,3 +129,25 @@ def test_only_listed_keys_may_change() -> None:
     with pytest.raises(ResumeSpecError, match=r"\(model\.n_layers: 4 -> 2, seed: 1 -> 2\)"):
         check_spec_change("c.pt", saved, now)
     check_spec_change("c.pt", saved, now, allow=["model", "seed"])
+
+
+def test_changed_spec_is_refused_for_a_bucket_save_folder(
+    mds_dir: Path, tmp_path: Path, s3_server, capsys: pytest.CaptureFixture
+) -> None:
+    """A cluster run saves to a bucket: the same refusal, read from the newest manifest there,
+    before anything is downloaded or uploaded."""
+    from tests.reliability.test_s3_faults import objects
+
+    folder = s3_server.url("specs", "{run_name}")
+    spec = spec_for(mds_dir, tmp_path / "unused", save_folder=folder, max_duration="2ba")
+    train(load_config_dict(spec))
+    before = objects(s3_server, "specs/")
+    assert "specs/tiny/ep0-ba2-rank0.pt.manifest.json" in before
+    spec_file = write_spec(tmp_path / "spec.yaml", spec)
+    capsys.readouterr()
+    assert main([str(spec_file), "max_duration=4ba", "model.n_layers=2"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "cannot resume" in line]
+    assert len(lines) == 1, lines
+    assert f"cannot resume from {s3_server.url('specs/tiny/ep0-ba2-rank0.pt')}" in lines[0]
+    assert "(model.n_layers: 4 -> 2)" in lines[0]
+    assert objects(s3_server, "specs/") == before
