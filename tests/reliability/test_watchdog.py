@@ -1,6 +1,6 @@
 """Rank 0's judgement of heartbeats, on a real rendezvous store, at chosen instants.
 
-The multi-process runs (test_lost_node.py) show it end to end; this pins down who is named for
+The multi-process runs (tests/train/test_multinode.py, test_stalled_rank.py) show it end to end; this pins down who is named for
 what: a rank whose beats stop is lost, a rank that beats but makes no progress outside a
 collective is the one the others wait for, and it is said once per stall.
 """

@@ -2,7 +2,8 @@
 
 Shards within a node, replicas across nodes, the replicas' gradients averaged over gloo (which
 has no AVG): the per-step losses are FULL_SHARD's, and the sharded checkpoint resumes on the
-same world size bit for bit and across node counts (2x2 -> 1x2 -> 2x2) with the same samples
+same world size bit for bit (after a node is lost mid-step, the relaunch ends with the
+uninterrupted run's weights) and across node counts (2x2 -> 1x2 -> 2x2) with the same samples
 in the same steps. All runs read the data with ``num_canonical_nodes: 2``, streaming's setting
 for a sample order that does not depend on the node count.
 """
@@ -10,6 +11,7 @@ for a sample order that does not depend on the node count.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,12 +21,13 @@ import torch
 
 from mpt_train.loggers.jsonl import read_metrics
 from tests.helpers import REPO
-from tests.nodes import run_nodes
+from tests.nodes import launch_nodes, run_nodes
 from tests.train.conftest import tiny_spec, write_spec
 
 pytestmark = pytest.mark.slow
 
 STEPS = 8
+SAVE_EVERY, KILL_AFTER, COLLECTIVE_TIMEOUT = 2, 5, 60
 FAULT_RUN = str(REPO / "tests/reliability/fault_run.py")
 
 
@@ -92,20 +95,6 @@ def test_two_nodes_of_hybrid_shard_train_like_full_shard(hybrid: Path) -> None:
     assert (hybrid / "ckpt/hsdp/ep0-ba4").is_dir(), "no sharded checkpoint at step 4"
 
 
-def test_hybrid_shard_resumes_bitwise_on_the_same_nodes(hybrid: Path, mds_dir: Path) -> None:
-    spec = spec_for(mds_dir, "again", "HYBRID_SHARD", save_folder="ckpt/again",
-                    load_path=str(hybrid / "ckpt/hsdp/ep0-ba4"),
-                    reliability={"trust_checkpoint": True})  # fmt: skip
-    train_on(2, 2, hybrid, spec)
-    want, got = losses(hybrid, "hsdp"), losses(hybrid, "again")
-    assert got == {s: want[s] for s in range(5, STEPS + 1)}
-    ref = torch.load(hybrid / "hsdp.weights.pt")
-    resumed = torch.load(hybrid / "again.weights.pt")
-    assert ref.keys() == resumed.keys()
-    for name in ref:
-        assert torch.equal(ref[name], resumed[name]), name
-
-
 def test_hybrid_shard_resumes_on_one_node_and_back_on_two(hybrid: Path, mds_dir: Path) -> None:
     """2 x 2 -> 1 x 2 from step 4, then 1 x 2 -> 2 x 2 from step 6: each leg trains on the
     samples of the uninterrupted run's steps, and its losses."""
@@ -124,3 +113,73 @@ def test_hybrid_shard_resumes_on_one_node_and_back_on_two(hybrid: Path, mds_dir:
     assert got_two == pytest.approx({s: want[s] for s in (7, 8)}, rel=1e-5)
     assert steps_seen(hybrid / "one-node") == {s: ref_steps[s] for s in range(5, STEPS + 1)}
     assert steps_seen(hybrid / "two-nodes") == {s: ref_steps[s] for s in (7, 8)}
+
+
+def ledger(prefix: Path) -> dict[tuple[int, int], list[str]]:
+    """{(rank, step): sample hashes} of every rank's ledger."""
+    out: dict[tuple[int, int], list[str]] = {}
+    for path in sorted(prefix.parent.glob(f"{prefix.name}.rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            assert (row["rank"], row["step"]) not in out, f"step recorded twice in {path}"
+            out[row["rank"], row["step"]] = row["samples"]
+    return out
+
+
+def test_lost_node_ends_the_run_in_bounded_time_and_resumes_bitwise(
+    hybrid: Path, mds_dir: Path, tmp_path: Path
+) -> None:
+    """Every process of node 1 SIGKILLed in step 5 (checkpoints every 2 steps): node 0 ends
+    within ``reliability.collective_timeout_s``, naming the lost ranks; the same command on both
+    nodes resumes from step 4 with every sample trained on exactly once, and ends with the
+    uninterrupted 2 x 2 run's losses and weights, bit for bit."""
+    spec = spec_for(
+        mds_dir,
+        "lost",
+        "HYBRID_SHARD",
+        save_folder=str(tmp_path / "ckpt"),
+        save_interval=f"{SAVE_EVERY}ba",
+        reliability={"collective_timeout_s": COLLECTIVE_TIMEOUT, "straggler_timeout_s": 30},
+    )
+    path = str(write_spec(tmp_path / "lost.yaml", spec))
+    stamp = tmp_path / "killed_at"
+    kill = ["--kill-node-at", str(KILL_AFTER), "1", str(stamp)]
+    run = launch_nodes(2, 2, [FAULT_RUN, *kill, "--ledger", str(tmp_path / "cut1"), path],
+                       cwd=tmp_path)  # fmt: skip
+    try:
+        codes = run.wait(timeout=600)
+        console = run.output()
+    finally:
+        run.close()
+    (tmp_path / "console.txt").write_text(console)  # for a look after a failure
+    assert codes[1] == -9, f"node 1 was not killed\n{console[-6000:]}"
+    assert codes[0] not in (0, None), f"node 0 did not fail: {codes}\n{console[-6000:]}"
+    kill_to_exit = run.nodes[0].exited_at - float(stamp.read_text())
+    print(f"kill-to-exit: {kill_to_exit:.1f} s")
+    assert kill_to_exit < COLLECTIVE_TIMEOUT, console[-6000:]
+    # Whichever survivor fails first names the lost node's ranks before it exits.
+    for rank in (2, 3):
+        named = re.search(
+            rf"\[rank[01]\] ERROR .*rank {rank} \(node 1, .*stopped answering", console
+        )
+        assert named, f"rank {rank} not named\n{console[-6000:]}"
+
+    run_nodes(2, 2, [FAULT_RUN, "--ledger", str(tmp_path / "cut2"), path], cwd=tmp_path,
+              timeout=600)  # fmt: skip
+    first, second = ledger(tmp_path / "cut1"), ledger(tmp_path / "cut2")
+    last_ckpt = KILL_AFTER // SAVE_EVERY * SAVE_EVERY
+    assert {s for _, s in first} == set(range(1, KILL_AFTER + 1))
+    assert {s for _, s in second} == set(range(last_ckpt + 1, STEPS + 1)), "resumed elsewhere"
+    redone = [k for k in first if k[1] > last_ckpt]
+    assert redone and all(first[k] == second[k] for k in redone), "lost steps got other data"
+    committed = {k: v for k, v in first.items() if k[1] <= last_ckpt} | second
+    seen = Counter(h for v in committed.values() for h in v)
+    assert sum(seen.values()) == STEPS * spec["global_train_batch_size"]
+    assert set(seen.values()) == {1}, "a sample was trained on twice"
+    print(f"work lost: {len({s for _, s in redone})} completed step(s) and the step in flight")
+    assert losses(tmp_path, "lost") == losses(hybrid, "hsdp")  # one row per step, bitwise
+    ref = torch.load(hybrid / "hsdp.weights.pt")
+    resumed = torch.load(tmp_path / "cut2.weights.pt")
+    assert ref.keys() == resumed.keys()
+    for name in ref:
+        assert torch.equal(ref[name], resumed[name]), name

@@ -275,10 +275,11 @@ def test_fast_path_under_two_rank_fsdp_trains_like_the_plain_path(
         "compile": {"enabled": True, "backend": "aot_eager", "fullgraph": True},
         "loss": {"chunk_tokens": 40},
     }
+    specs = ({**base, "run_name": "plain"}, fast)
+    paths = [str(write_spec(tmp_path / f"{s['run_name']}.yaml", s)) for s in specs]
+    run([*composer_cmd(2), str(REPO / "tests/train/train_many.py"), *paths], cwd=tmp_path)
     losses = {}
-    for spec in ({**base, "run_name": "plain"}, fast):
-        path = write_spec(tmp_path / f"{spec['run_name']}.yaml", spec)
-        run([*composer_cmd(2), str(REPO / "train.py"), str(path)], cwd=tmp_path)
+    for spec in specs:
         rows = read_metrics(tmp_path / f"runs/{spec['run_name']}/metrics.jsonl")
         losses[spec["run_name"]] = [r["loss/train/total"] for r in rows]
     assert len(losses["fast"]) == 4

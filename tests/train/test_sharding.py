@@ -26,13 +26,14 @@ def _losses(path: Path) -> list[float]:
 
 @pytest.mark.slow
 def test_every_sharding_strategy_gives_full_shards_losses(mds_dir: Path, tmp_path: Path) -> None:
-    losses = {}
-    for strategy in ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"):
+    strategies = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
+    paths = []
+    for strategy in strategies:
         spec = tiny_spec(mds_dir, run_name=strategy.lower(), max_duration="4ba",
                          fsdp={"sharding_strategy": strategy})  # fmt: skip
-        path = write_spec(tmp_path / f"{strategy}.yaml", spec)
-        run([*composer_cmd(2), str(REPO / "train.py"), str(path)], cwd=tmp_path)
-        losses[strategy] = _losses(tmp_path / f"runs/{strategy.lower()}/metrics.jsonl")
+        paths.append(str(write_spec(tmp_path / f"{strategy}.yaml", spec)))
+    run([*composer_cmd(2), str(REPO / "tests/train/train_many.py"), *paths], cwd=tmp_path)
+    losses = {s: _losses(tmp_path / f"runs/{s.lower()}/metrics.jsonl") for s in strategies}
     assert len(losses["FULL_SHARD"]) == 4
     for strategy, got in losses.items():
         assert got == pytest.approx(losses["FULL_SHARD"], rel=1e-5), strategy

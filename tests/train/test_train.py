@@ -76,98 +76,67 @@ def test_loss_falls(mds_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, 2], ids=["one-rank-local", "two-ranks-bucket"])
 def test_sigkill_then_same_command_resumes_bitwise(
-    nproc: int, mds_dir: Path, tmp_path: Path
+    nproc: int, mds_dir: Path, tmp_path: Path, s3_server
 ) -> None:
-    """Kill a rank after batch 5 (checkpoint at 4); re-running resumes with identical losses."""
+    """Kill a rank after a batch; the same command resumes with identical losses.
+
+    One rank saves locally and dies after batch 5 (checkpoint at 4: batch 5 is redone). Two
+    FSDP ranks save to a bucket and rank 0 dies at once after the batch-4 save; the relaunch
+    runs in a fresh working folder, so the checkpoint can only come from the bucket, through
+    a `latest` pointer that must already have moved.
+    """
     spec = tiny_spec(
         mds_dir,
         global_train_batch_size=4,
         save_interval="2ba",
         fsdp={"sharding_strategy": "FULL_SHARD", "state_dict_type": "sharded"},
     )
+    if nproc == 1:
+        folder, kill_after, kill_rank = str(tmp_path / "cut-ckpt"), 5, 0
+    else:
+        folder, kill_after, kill_rank = s3_server.url("ckpt", "{run_name}"), 4, 0
     ref = write_spec(
         tmp_path / "ref.yaml",
         {**spec, "run_name": "ref", "save_folder": str(tmp_path / "ref-ckpt")},
     )
-    cut = write_spec(
-        tmp_path / "cut.yaml",
-        {**spec, "run_name": "cut", "save_folder": str(tmp_path / "cut-ckpt")},
-    )
+    cut = write_spec(tmp_path / "cut.yaml", {**spec, "run_name": "cut", "save_folder": folder})
     launch = composer_cmd(nproc) if nproc > 1 else [sys.executable]
-    run([*launch, str(REPO / "train.py"), str(ref)], cwd=tmp_path)
+    env = s3_server.env
+    run([*launch, str(REPO / "train.py"), str(ref)], cwd=tmp_path, env=env)
 
     killed = run(
         [
             *launch,
             str(REPO / "tests/train/kill_after.py"),
-            "5",
-            str(nproc - 1),
+            str(kill_after),
+            str(kill_rank),
             str(cut),
             "loggers.jsonl.path=runs/cut/first.jsonl",
         ],
         cwd=tmp_path,
+        env=env,
         check=False,
     )
     assert killed.returncode != 0
     first = losses(tmp_path / "runs/cut/first.jsonl")
-    assert max(first) == 5
+    assert max(first) == kill_after
 
+    again = tmp_path if nproc == 1 else tmp_path / "elsewhere"  # nothing local survives
+    again.mkdir(exist_ok=True)
     resumed = run(
-        [*launch, str(REPO / "train.py"), str(cut), "loggers.jsonl.path=runs/cut/second.jsonl"],
-        cwd=tmp_path,
+        [*launch, str(REPO / "train.py"), str(cut), "loggers.jsonl.path=second.jsonl"],
+        cwd=again,
+        env=env,
     )
-    second = losses(tmp_path / "runs/cut/second.jsonl")
+    second = losses(again / "second.jsonl")
     expected = losses(tmp_path / "runs/ref/metrics.jsonl")
-    assert sorted(second) == [5, 6, 7, 8], resumed.stdout[-2000:]
-    for step in range(1, 6):
+    assert sorted(second) == list(range(5, 9)), resumed.stdout[-2000:]
+    for step in range(1, kill_after + 1):
         assert first[step] == expected[step]
     for step in range(5, 9):
         assert second[step] == expected[step], (step, second[step], expected[step])
-
-
-@pytest.mark.slow
-def test_two_process_fsdp_with_s3_checkpoints_resumes(
-    mds_dir: Path, tmp_path: Path, s3_server
-) -> None:
-    bucket = s3_server.bucket
-    spec = tiny_spec(
-        mds_dir, save_interval="2ba", max_duration="6ba", fsdp={"sharding_strategy": "FULL_SHARD"}
-    )
-    ref = write_spec(tmp_path / "ref.yaml", {**spec, "run_name": "ref"})
-    cut = write_spec(
-        tmp_path / "cut.yaml",
-        {**spec, "run_name": "s3cut", "save_folder": f"s3://{bucket}/ckpt/{{run_name}}"},
-    )
-    env = s3_server.env
-    run([*composer_cmd(2), str(REPO / "train.py"), str(ref)], cwd=tmp_path, env=env)
-    killed = run(
-        [
-            *composer_cmd(2),
-            str(REPO / "tests/train/kill_after.py"),
-            "2",  # at once after the batch-2 save: its `latest` pointer must already be up
-            "0",
-            str(cut),
-            "loggers.jsonl.path=runs/s3cut/first.jsonl",
-        ],
-        cwd=tmp_path,
-        env=env,
-        check=False,
-    )
-    assert killed.returncode != 0
-    # A fresh working folder: nothing local survives, the checkpoint comes back from the bucket.
-    other = tmp_path / "elsewhere"
-    other.mkdir()
-    run(
-        [*composer_cmd(2), str(REPO / "train.py"), str(cut), "loggers.jsonl.path=second.jsonl"],
-        cwd=other,
-        env=env,
-    )
-    second = losses(other / "second.jsonl")
-    expected = losses(tmp_path / "runs/ref/metrics.jsonl")
-    assert sorted(second) == [3, 4, 5, 6]
-    assert all(second[s] == expected[s] for s in second)
 
 
 def test_rerun_after_finish_does_not_train_again(
