@@ -2,20 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 from mpt_train.export import export_hf
 from tests.helpers import REPO
 
 
 def _generate(model: Path, *args: str) -> subprocess.CompletedProcess:
+    """The command as a user runs it."""
     cmd = [sys.executable, str(REPO / "scripts/generate.py"), str(model), "--threads", "1", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def _generate_here(model: Path, *args: str) -> str:
+    """The same main in this process (no interpreter start-up): its stdout."""
+    spec = importlib.util.spec_from_file_location("generate_script", REPO / "scripts/generate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out, threads = io.StringIO(), torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(out):
+            assert script.main([str(model), "--threads", "1", *args]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out.getvalue()
 
 
 def _texts(stdout: str) -> list[str]:
@@ -45,12 +65,12 @@ def test_generate_from_checkpoint_and_hf_folder(tiny_ckpt: Path, tmp_path: Path)
         r"total: \d+ new tokens in [\d.]+ s: [\d.]+ tokens/s \(KV cache on\)", a.stdout
     )
     # Same seed, same tokens: with or without the KV cache, and from the exported HF folder.
-    assert _texts(_generate(tiny_ckpt, *sample, "--no-cache").stdout) == _texts(a.stdout)
+    assert _texts(_generate_here(tiny_ckpt, *sample, "--no-cache")) == _texts(a.stdout)
     hf = export_hf(tiny_ckpt, tmp_path / "hf")
-    assert _texts(_generate(hf, *sample).stdout) == _texts(a.stdout)
+    assert _texts(_generate_here(hf, *sample)) == _texts(a.stdout)
     # Another seed samples differently; greedy (temperature 0) ignores the seed.
-    assert _texts(_generate(tiny_ckpt, *sample[:-1], "4").stdout) != _texts(a.stdout)
+    assert _texts(_generate_here(tiny_ckpt, *sample[:-1], "4")) != _texts(a.stdout)
     greedy = ["--prompt", "The json module", "--max-new-tokens", "12", "--seed"]
-    assert _texts(_generate(tiny_ckpt, *greedy, "1").stdout) == _texts(
-        _generate(tiny_ckpt, *greedy, "2").stdout
+    assert _texts(_generate_here(tiny_ckpt, *greedy, "1")) == _texts(
+        _generate_here(tiny_ckpt, *greedy, "2")
     )
